@@ -1,0 +1,224 @@
+"""The editing engine on tiny random models: the null-space property, batching, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from editfleet.workers.editing.config import default_config
+from editfleet.workers.editing.engine import Editor
+from editfleet.workers.editing.requests import EditRequest, EditValidationError
+from editfleet.workers.editing.runner import LayerRunner, capture_projection
+from editfleet.workers.editing.statistics import token_sequences
+from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
+from editfleet.workers.models.tiny import tiny_model
+from engine_support import REQUESTS, TINY, projection_weights, target_nll, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def make_editor(tmp_path, corpus, family="llama", method="alphaedit", **overrides) -> Editor:
+    model, tok = tiny_model(family, seed=0, intermediate_size=512, initializer_range=0.1)
+    return Editor.for_model(model, tok, method, cache_dir=tmp_path / "cache", corpus=[corpus], **{**TINY, **overrides})
+
+
+def preserved_keys(editor: Editor, corpus: Path) -> dict[int, torch.Tensor]:
+    """The projection inputs of the statistics corpus (the keys the projector protects)."""
+    seqs = torch.tensor(list(token_sequences(editor.tokenizer, [corpus], 64, editor.config.stats_tokens)))
+    with capture_projection(editor.model, editor.adapter, list(editor.config.layers)) as seen:
+        LayerRunner(editor.model, editor.adapter, seqs, torch.ones_like(seqs), start=editor.config.layers[-1],
+                    stop=editor.config.layers[-1])
+    return {i: seen["in"][i].reshape(-1, seen["in"][i].shape[-1]) for i in editor.config.layers}
+
+
+def relative_output_change(editor: Editor, keys: dict[int, torch.Tensor], before: dict[int, torch.Tensor]) -> float:
+    worst = 0.0
+    for i, k in keys.items():
+        delta = editor.adapter.weight(editor.model, i) - before[i]
+        worst = max(worst, float((k @ delta.T).norm() / (k @ before[i].T).norm()))
+    return worst
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_alphaedit_preserves_statistics_keys_and_reaches_targets(tmp_path, corpus, family):
+    editor = make_editor(tmp_path, corpus, family)
+    keys = preserved_keys(editor, corpus)
+    before = projection_weights(editor)
+    pre = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
+    result = editor.apply(REQUESTS)
+
+    assert relative_output_change(editor, keys, before) <= 1e-4
+    info = editor.projector_info
+    assert all(0 < v["kept"] < v["dims"] for v in info.values()), info
+    post = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
+    reached = [-torch.log(torch.tensor(p)).item() for p in result.target_prob]
+    for name, a, b, goal in zip([r.record_id for r in REQUESTS], pre, post, reached):
+        # The edited model gives the target the probability the optimisation reached (within
+        # what the context prefixes average out), far above the unedited model's.
+        assert b < a - 0.5 * (a - goal), (name, a, b, goal)
+    assert all(u.shape[1] == len(REQUESTS) and v.shape[1] == len(REQUESTS) for u, v in result.deltas.values())
+
+
+def test_memit_moves_preserved_outputs(tmp_path, corpus):
+    editor = make_editor(tmp_path, corpus, method="memit", mom2_update_weight=1.0)
+    keys = preserved_keys(editor, corpus)
+    before = projection_weights(editor)
+    editor.apply(REQUESTS)
+    assert relative_output_change(editor, keys, before) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batched_targets_equal_per_request_loop(family):
+    model, tok = tiny_model(family, seed=1, initializer_range=0.1)
+    config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 12})
+    contexts = ["{}", "Once upon a time. {}", "Well. {}"]
+    batched = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, config)
+    loop = optimise_targets_loop(model, tok, _adapter(model), REQUESTS, contexts, config)
+    assert batched.steps == loop.steps
+    torch.testing.assert_close(batched.shift, loop.shift, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.z, loop.z, rtol=1e-4, atol=1e-5)
+    assert max(abs(a - b) for a, b in zip(batched.nll, loop.nll)) < 1e-4
+
+
+def test_converged_requests_freeze_while_others_continue():
+    model, tok = tiny_model("llama", seed=1, initializer_range=0.1)
+    contexts = ["{}"]
+    config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 8})
+    first = optimise_targets(model, tok, _adapter(model), REQUESTS[:1], contexts, config)
+    # A threshold the first request already meets after its first steps stops only it.
+    loose = config.replace(v_loss_threshold=first.nll[0] + 1e-3)
+    mixed = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, loose)
+    assert mixed.steps[0] < config.v_max_steps - 1
+    assert max(mixed.steps) >= mixed.steps[0]
+
+
+def _adapter(model):
+    from editfleet.workers.models.adapters import adapter_for
+
+    return adapter_for(model)
+
+
+RESUME_SCRIPT = r"""
+import json, sys, torch
+from pathlib import Path
+from editfleet.workers.editing.engine import Editor
+from editfleet.workers.models.tiny import tiny_model
+from engine_support import REQUESTS
+state, cache, corpus, out = map(Path, sys.argv[1:5])
+model, tok = tiny_model("llama", seed=0, intermediate_size=512, initializer_range=0.1)
+editor = Editor.load_state(model, tok, state, cache_dir=cache, corpus=[corpus])
+editor.apply(REQUESTS[2:3])
+torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.config.layers}, out)
+"""
+
+
+def test_save_load_resume_matches_one_process(tmp_path, corpus):
+    editor = make_editor(tmp_path, corpus)
+    editor.apply(REQUESTS[0:1])
+    editor.apply(REQUESTS[1:2])
+    editor.save_state(tmp_path / "state")
+    editor.apply(REQUESTS[2:3])
+    one_process = projection_weights(editor)
+
+    out = tmp_path / "resumed.pt"
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "state"), str(tmp_path / "cache"),
+                    str(corpus), str(out), str(Path(__file__).parent)], check=True)
+    resumed = torch.load(out)
+    for i, w in one_process.items():
+        assert torch.equal(resumed[i], w) or torch.allclose(resumed[i], w, rtol=1e-6, atol=0), i
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert meta["batches"] == 2 and meta["config"]["layers"] == list(editor.config.layers)
+
+
+def test_replay_and_restore_base(tmp_path, corpus):
+    editor = make_editor(tmp_path, corpus)
+    base = projection_weights(editor)
+    result = editor.apply(REQUESTS[:2])
+    edited = projection_weights(editor)
+    memory = {i: m.clone() for i, m in editor.memory.items()}
+    editor.restore_base()
+    assert all(torch.equal(w, base[i]) for i, w in projection_weights(editor).items())
+    assert all(float(m.abs().sum()) == 0 for m in editor.memory.values())
+    editor.replay(result.deltas, result.keys)
+    assert all(torch.equal(w, edited[i]) for i, w in projection_weights(editor).items())
+    assert all(torch.equal(editor.memory[i], memory[i]) for i in memory)
+
+
+BAD_RECORDS = [
+    ({"prompt": "", "subject": "X", "target_new": "Y"}, "prompt", "empty"),
+    ({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome", "target_true": "Rome"}, "target_new", "equals"),
+    ({"prompt": "The tower is in", "subject": "Eiffel Tower", "target_new": "Rome"}, "subject", "does not occur"),
+    ({"prompt": "{} is in", "subject": "Paris"}, "target_new", "missing"),
+    ({"subject": "Aaron", "src": "What is Aaron's job?", "rephrase": "Aaron's job?", "alt": "", "answers": ["baker"],
+      "loc": "q", "loc_ans": "a", "case_id": 534}, "target_new", "empty"),
+    ({"prompt": "{} is " + "very " * 400 + "far", "subject": "Paris", "target_new": "Rome"}, "prompt", "context"),
+]
+
+
+@pytest.mark.parametrize("record,field,why", BAD_RECORDS)
+def test_bad_input_is_refused_before_any_change(tmp_path, corpus, record, field, why):
+    editor = make_editor(tmp_path, corpus)
+    before = projection_weights(editor)
+    good = {"prompt": "{} is located in", "subject": "Eiffel Tower", "target_new": "Rome"}
+    with pytest.raises(EditValidationError) as err:
+        editor.apply([good, record])
+    v = err.value.violations
+    assert [x.index for x in v] == [1] and v[0].field == field and why in v[0].description, v
+    assert all(torch.equal(w, before[i]) for i, w in projection_weights(editor).items())
+    assert not editor.history
+
+
+def test_failure_mid_update_restores_weights(tmp_path, corpus):
+    editor = make_editor(tmp_path, corpus)
+    before = projection_weights(editor)
+
+    def fail_at_second_layer(stage, current, total):
+        if stage == "layer" and current == 2:
+            raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        editor.apply(REQUESTS, progress=fail_at_second_layer)
+    assert all(torch.equal(w, before[i]) for i, w in projection_weights(editor).items())
+    assert not editor.history and all(float(m.abs().sum()) == 0 for m in editor.memory.values())
+
+
+def test_statistics_are_cached_and_reused(tmp_path, corpus):
+    stages = []
+    first = make_editor(tmp_path, corpus)
+    first.projectors(lambda s, c, t: stages.append(s))
+    assert "statistics" in stages
+    stages.clear()
+    second = make_editor(tmp_path, corpus)
+    projectors = second.projectors(lambda s, c, t: stages.append(s))
+    assert stages == []
+    assert all(torch.equal(projectors[i], first.projectors()[i]) for i in projectors)
+    # Another corpus is another key: recomputed, not reused.
+    other = write_corpus(tmp_path / "other.txt", seed=1)
+    third = make_editor(tmp_path, other)
+    third.projectors(lambda s, c, t: stages.append(s))
+    assert "statistics" in stages
+
+
+def test_statistics_ignore_edits_made_before_they_are_computed(tmp_path, corpus):
+    editor = make_editor(tmp_path / "a", corpus, method="memit", mom2_update_weight=1.0)
+    editor.apply(REQUESTS[:1])
+    fresh = make_editor(tmp_path / "b", corpus)
+    edited_stats = editor.statistics()
+    base_stats = fresh.statistics()
+    assert all(torch.allclose(edited_stats[i].moment, base_stats[i].moment) for i in base_stats)
+
+
+def test_context_rows_locate_the_subject():
+    _, tok = tiny_model("gemma3")
+    rows = context_rows(tok, [EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")], ["{}", "Hi. {}"])
+    for r in range(2):
+        ids = rows.input_ids[r, : int(rows.subject_pos[r]) + 1].tolist()
+        assert tok.decode(ids, skip_special_tokens=True).endswith("Danielle Darrieux")

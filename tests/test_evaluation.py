@@ -1,0 +1,235 @@
+"""Evaluation protocol: data loading, batched scoring, fluency, metrics, perplexity (tiny models)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import PreTrainedTokenizerFast
+
+from editfleet.workers.editing.requests import EditRequest
+from editfleet.workers.evaluation.data import DATA_DIR_ENV, EvalCase, data_dir, load_counterfact, load_zsre
+from editfleet.workers.evaluation.fluency import fluency, greedy_generate, ngram_entropy, word_tokenize
+from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
+from editfleet.workers.evaluation.scoring import encode_prompts, encode_targets, score_pairs, score_targets
+from editfleet.workers.models.tiny import BOS_ID, FAMILIES, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are all small ops: a second OpenMP thread only adds wake-up latency (GPT-2's
+    layer norms ran 40x slower with two threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _shared_data() -> Path:
+    try:
+        return data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"evaluation data not available: {exc}")
+
+
+# Prompts longer than the tiny gemma3's sliding window (16 tokens) and of mixed lengths, targets of
+# 1 to 12 tokens: padding, the shared prompt cache and the sliding window all get exercised.
+PAIRS = [
+    ("The mother tongue of Danielle Darrieux is", "French"),
+    ("The mother tongue of Danielle Darrieux is", "English language"),
+    ("Hi", "there"),
+    ("x", " q"),
+    ("Toko Yasuda, the", "guitar"),
+    ("Where Danielle Darrieux is from, people speak the language of", "E"),
+    ("Michel Rocard is a native speaker of", "French and also Occitan"),
+]
+
+
+def _reference_score(model, tok, prompt: str, target: str) -> tuple[float, list[bool]]:
+    """Mean target NLL and per-token argmax hits from one unpadded full-logits forward pass."""
+    p_ids, t_ids = encode_prompts(tok, [prompt])[0], encode_targets(tok, [target])[0]
+    with torch.no_grad():
+        logp = model(torch.tensor([p_ids + t_ids])).logits[0].log_softmax(-1)
+    rows = [len(p_ids) - 1 + k for k in range(len(t_ids))]
+    nll = -sum(logp[r, t].item() for r, t in zip(rows, t_ids)) / len(t_ids)
+    return nll, [logp[r].argmax().item() == t for r, t in zip(rows, t_ids)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_scores_equal_unbatched_full_logits(family):
+    model, tok = tiny_model(family, seed=3)
+    grouped = score_targets(model, tok, [p for p, _ in PAIRS], [[t, "Paris"] for _, t in PAIRS], batch_size=3)
+    for (prompt, target), (score, _) in zip(PAIRS, grouped):
+        nll, hits = _reference_score(model, tok, prompt, target)
+        assert score.nll == pytest.approx(nll, abs=1e-5), (prompt, target)
+        assert score.n_tokens == len(hits)
+        assert score.top1 == all(hits)
+        assert score.token_accuracy == pytest.approx(sum(hits) / len(hits))
+
+
+def test_padding_and_batching_do_not_change_scores():
+    model, tok = tiny_model("gemma3", seed=1)
+    alone = [score_pairs(model, tok, [pair], batch_size=1)[0] for pair in PAIRS]
+    together = score_pairs(model, tok, PAIRS, batch_size=len(PAIRS))
+    for a, b in zip(alone, together):
+        assert b.nll == pytest.approx(a.nll, abs=1e-5)
+        assert (a.top1, a.token_accuracy) == (b.top1, b.token_accuracy)
+    assert score_pairs(model, tok, PAIRS, batch_size=2) == score_pairs(model, tok, PAIRS, batch_size=2)
+
+
+def test_bos_is_kept_for_prompts_and_targets_follow_a_space():
+    _, tok = tiny_model("gemma3")  # its tokenizer adds BOS, as Gemma's does
+    assert encode_prompts(tok, ["ab"]) == [[BOS_ID, ord("a"), ord("b")]]
+    assert encode_targets(tok, ["ab", " cd"]) == [[ord(" "), ord("a"), ord("b")], [ord(" "), ord("c"), ord("d")]]
+    _, plain = tiny_model("llama")
+    assert encode_prompts(plain, ["ab"]) == [[ord("a"), ord("b")]]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_greedy_generation_equals_unbatched_argmax_loop(family):
+    model, tok = tiny_model(family, seed=2)
+    prompts = [p for p, _ in PAIRS[2:6]]
+    texts = greedy_generate(model, tok, prompts, new_tokens=20, batch_size=3)
+    for prompt, text in zip(prompts, texts):
+        ids = encode_prompts(tok, [prompt])[0]
+        for _ in range(20):
+            with torch.no_grad():
+                ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+        assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_ngram_entropy_hand_computed():
+    # "a b a b a": bigrams ab, ba, ab, ba -> H2 = 1 bit; trigrams aba, bab, aba -> H3 = H(2/3, 1/3).
+    h3 = -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
+    assert ngram_entropy("a b a b a") == pytest.approx((2 / 3 * 1.0 + 4 / 3 * h3) / 2, abs=1e-12)
+    assert ngram_entropy("one") == 0.0  # no bigram: contributes nothing, as in the reference
+    assert fluency(["a b a b a", "one"]) == pytest.approx(ngram_entropy("a b a b a") / 2)
+
+
+def test_repetitive_text_is_less_fluent_than_varied_text():
+    repetitive = "Paris Paris Paris Paris Paris Paris Paris Paris Paris Paris Paris Paris"
+    varied = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
+    assert fluency([repetitive]) < 0.5 < fluency([varied])
+
+
+def test_word_tokenize_follows_treebank_conventions():
+    assert word_tokenize("Don't stop the U.S. army's 1,000.5 well-known dogs... (it's) fine.") == [
+        "Do", "n't", "stop", "the", "U.S.", "army", "'s", "1,000.5", "well-known", "dogs", "...",
+        "(", "it", "'s", ")", "fine", ".",
+    ]
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data_dir(tmp_path / "missing")
+    assert data_dir(tmp_path) == tmp_path
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert data_dir() == tmp_path
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=DATA_DIR_ENV):
+        data_dir()
+
+
+def test_counterfact_loader_reads_all_edit_cases():
+    loaded = load_counterfact(_shared_data() / "counterfact" / "counterfact-edit.json")
+    assert len(loaded.cases) == 10_000 and loaded.rejected == []
+    first = loaded.cases[0]
+    assert first.kind == "counterfact" and first.case_id == 0
+    assert first.rewrite_prompts == ("The mother tongue of Danielle Darrieux is",)
+    assert first.paraphrase_prompts == ("Where Danielle Darrieux is from, people speak the language of",)
+    assert first.neighborhood_prompts == ("Michel Rocard is a native speaker of",)
+    assert (first.target_new, first.target_true, first.neighborhood_answer) == ("English", "French", "French")
+    assert first.request.prompt == "The mother tongue of {} is" and first.request.subject == "Danielle Darrieux"
+    window = load_counterfact(_shared_data() / "counterfact" / "counterfact-edit.json", limit=3, offset=5000)
+    assert [c.case_id for c in window.cases] == [c.case_id for c in loaded.cases[5000:5003]]
+
+
+def test_zsre_loader_reports_empty_targets():
+    loaded = load_zsre(_shared_data() / "zsre" / "zsre_mend_train-1k.json")
+    rejected = dict(loaded.rejected)
+    for case_id in (534, 723):
+        assert [(v.field, v.description) for v in rejected[case_id]] == [("target_new", "is empty")]
+    assert len(loaded.cases) + len(loaded.rejected) == 1000
+    assert "skipped" in loaded.rejection_summary() and "534" in loaded.rejection_summary()
+    first = loaded.cases[0]
+    assert (first.kind, first.case_id, first.target_new, first.neighborhood_answer) == (
+        "zsre", 0, "unmanned aircraft", "Walter Sobchak")
+    assert first.rewrite_prompts == ("What is the product made by UniFirst?",)
+    assert first.neighborhood_prompts == ("nq question: john goodman's character in the big lebowski?",)
+
+
+def _word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whole words as tokens ("w0".."w258"), as real BPE tokenizers give " Paris" one token."""
+    backend = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(259)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0")
+
+
+def _case(prompt: str, target_new: str, target_true: str, neighbour: str, answer: str) -> EvalCase:
+    request = EditRequest(prompt="{} " + prompt.split(" ", 1)[1], subject=prompt.split(" ", 1)[0],
+                          target_new=target_new, target_true=target_true)
+    return EvalCase(request=request, rewrite_prompts=(prompt,), paraphrase_prompts=(prompt,),
+                    neighborhood_prompts=(neighbour,), target_new=target_new, target_true=target_true,
+                    neighborhood_answer=answer, case_id=0, kind="counterfact")
+
+
+def test_counterfact_metrics_on_cases_built_from_greedy_answers():
+    model, _ = tiny_model("llama", seed=5)
+    tok = _word_tokenizer()
+    prompt, neighbour = "w5 w17 w42", "w8 w9 w100"
+    greedy, neighbour_greedy = (
+        t.split()[-1] for t in greedy_generate(model, tok, [prompt, neighbour], new_tokens=1))
+    other = next(f"w{i}" for i in range(1, 259) if f"w{i}" not in (greedy, neighbour_greedy))
+    known = evaluate_counterfact(model, tok, [_case(prompt, greedy, other, neighbour, neighbour_greedy)],
+                                 fluency_cases=1, gen_tokens=6)
+    for key in ("efficacy", "generalization", "specificity", "efficacy_top1", "generalization_top1", "specificity_top1"):
+        assert known[key] == 1.0, key
+    assert known["n_cases"] == 1 and 0.0 <= known["fluency"] < 10.0
+    unknown = evaluate_counterfact(model, tok, [_case(prompt, other, greedy, neighbour, other)], fluency_cases=0)
+    assert unknown["efficacy"] == unknown["efficacy_top1"] == unknown["specificity_top1"] == 0.0
+    assert unknown["fluency"] is None
+
+
+def test_metrics_on_real_cases_are_fractions():
+    model, tok = tiny_model("gemma3", seed=0)
+    cf = load_counterfact(_shared_data() / "counterfact" / "counterfact-edit.json", limit=12).cases
+    result = evaluate_counterfact(model, tok, cf, batch_size=5, fluency_cases=3, gen_tokens=8)
+    assert result["n_cases"] == 12
+    for key in ("efficacy", "generalization", "specificity", "efficacy_top1", "generalization_top1", "specificity_top1"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["fluency"] > 0.0
+    zsre = load_zsre(_shared_data() / "zsre" / "zsre_mend_train-1k.json", limit=10).cases
+    z = evaluate_zsre(model, tok, zsre, batch_size=4)
+    assert z["n_cases"] == len(zsre) and all(0.0 <= z[k] <= 1.0 for k in ("efficacy", "generalization", "specificity"))
+
+
+def test_perplexity_is_deterministic_and_matches_full_logits():
+    model, tok = tiny_model("gemma3", seed=4)
+    text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. " * 3
+    result = perplexity(model, tok, text, max_tokens=100, window=40)
+    assert result == perplexity(model, tok, text, max_tokens=100, window=40)
+    assert perplexity(model, tok, text, max_tokens=100, window=40, head_chunk=7)["nll"] == pytest.approx(result["nll"], abs=1e-6)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:100]
+    nll, count = 0.0, 0
+    for start in range(0, 100, 40):
+        window = [BOS_ID] + ids[start:start + 40]
+        with torch.no_grad():
+            logp = model(torch.tensor([window])).logits[0].log_softmax(-1)
+        nll -= sum(logp[i, window[i + 1]].item() for i in range(len(window) - 1))
+        count += len(window) - 1
+    assert result["tokens"] == count == 100
+    assert result["nll"] == pytest.approx(nll / count, abs=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_reads_wikitext_by_default():
+    _shared_data()
+    model, tok = tiny_model("llama", seed=0)
+    first = perplexity(model, tok, max_tokens=64, window=32)
+    assert first == perplexity(model, tok, max_tokens=64, window=32)
+    assert first["tokens"] == 62  # no BOS: each window's first token is context only
+    assert 1.0 < first["perplexity"] < 10_000

@@ -1,0 +1,202 @@
+"""``editfleet bench``: N sequential edits in batches, the paper's evaluation before and after.
+
+Prints a table and writes the same figures as JSON (keys ``pre``, ``post``, ``timing``,
+``peak_rss_mb``, ``config``, plus projector and target-optimisation summaries), so runs can be
+compared and quoted in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editfleet.workers.editing.config import EditConfig
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs, values parsed as JSON when they parse (numbers, lists, null)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="editfleet bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gemma3-270m", help="built-in model name or a local HF folder")
+    p.add_argument("--method", choices=["alphaedit", "memit"], default="alphaedit")
+    p.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
+    p.add_argument("--data", help="data file (default: the dataset's file in the data folder)")
+    p.add_argument("--edits", type=int, default=100, help="number of sequential edits N")
+    p.add_argument("--batch", type=int, default=100, help="edits per engine batch B")
+    p.add_argument("--offset", type=int, default=0, help="skip this many records of the data file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", help="write the figures here")
+    p.add_argument("--compare-loop", action="store_true",
+                   help="also time the per-request target loop on the first batch")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"engine setting override (repeatable); settings: "
+                        f"{', '.join(f.name for f in EditConfig.__dataclass_fields__.values())}")
+    p.add_argument("--home", help="model cache folder (default: $EDITFLEET_HOME or ~/.cache/editfleet)")
+    p.add_argument("--cache-dir", help="statistics/projector cache (default: <home>/stats)")
+    p.add_argument("--fluency-cases", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    return p
+
+
+def _cases(args):
+    from editfleet.workers.evaluation.data import data_dir, load_counterfact, load_zsre
+
+    default = {"counterfact": "counterfact/counterfact-edit.json", "zsre": "zsre/zsre_mend_train-1k.json"}
+    path = Path(args.data) if args.data else data_dir() / default[args.dataset]
+    loader = load_counterfact if args.dataset == "counterfact" else load_zsre
+    # Read enough records that N valid cases remain after refusing invalid ones.
+    loaded = loader(path, limit=args.edits * 2 + 50, offset=args.offset)
+    if loaded.rejected:
+        print(f"[bench] {loaded.rejection_summary()}", file=sys.stderr)
+    if len(loaded.cases) < args.edits:
+        raise SystemExit(f"{path} has only {len(loaded.cases)} valid cases from offset {args.offset}")
+    return loaded.cases[: args.edits], len(loaded.rejected)
+
+
+def _evaluate(args, model, tok, cases) -> dict[str, Any]:
+    from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
+
+    if args.dataset == "counterfact":
+        scores = evaluate_counterfact(model, tok, cases, fluency_cases=args.fluency_cases)
+    else:
+        scores = evaluate_zsre(model, tok, cases)
+        from editfleet.workers.evaluation.fluency import fluency, greedy_generate
+
+        prompts = [p for c in cases[: args.fluency_cases] for p in c.rewrite_prompts]
+        scores["fluency"] = fluency(greedy_generate(model, tok, prompts)) if prompts else None
+    ppl = perplexity(model, tok)
+    scores["perplexity"] = ppl["perplexity"]
+    scores["wikitext_nll"] = ppl["nll"]
+    return scores
+
+
+def run(args) -> dict[str, Any]:
+    from editfleet.workers.editing.engine import Editor
+    from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
+    from editfleet.workers.models.registry import editfleet_home, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    model, tok = load_model(args.model, args.home)
+    cases, rejected = _cases(args)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else editfleet_home(args.home) / "stats"
+    overrides = {"seed": args.seed, **_overrides(args.overrides)}
+    editor = Editor.for_model(model, tok, args.method, cache_dir=cache_dir, **overrides)
+    print(f"[bench] {args.model} {args.method} {args.dataset}: {len(cases)} edits in batches of {args.batch}; "
+          f"layers {list(editor.config.layers)}", file=sys.stderr)
+
+    t = time.perf_counter()
+    pre = _evaluate(args, model, tok, cases)
+    eval_seconds = time.perf_counter() - t
+    print(f"[bench] pre-edit evaluation {eval_seconds:.1f}s", file=sys.stderr)
+
+    timing: dict[str, float] = {"stats_seconds": 0.0, "targets_seconds": 0.0, "update_seconds": 0.0}
+    t = time.perf_counter()
+    editor.projectors() if args.method == "alphaedit" else editor.statistics()
+    timing["stats_seconds"] = time.perf_counter() - t
+    probs, steps = [], []
+    batches = [cases[i:i + args.batch] for i in range(0, len(cases), args.batch)]
+    for b, batch in enumerate(batches):
+        requests = [c.request for c in batch]
+        if args.compare_loop and b == 0:
+            editor.contexts = editor.contexts or _contexts(editor)
+            t = time.perf_counter()
+            optimise_targets(model, tok, editor.adapter, requests, editor.contexts, editor.config)
+            batched = time.perf_counter() - t
+            t = time.perf_counter()
+            optimise_targets_loop(model, tok, editor.adapter, requests, editor.contexts, editor.config)
+            timing["loop_targets_seconds"] = time.perf_counter() - t
+            timing["batched_targets_seconds"] = batched
+            timing["batched_speedup"] = timing["loop_targets_seconds"] / batched
+            print(f"[bench] targets on batch 0: loop {timing['loop_targets_seconds']:.1f}s, "
+                  f"batched {batched:.1f}s ({timing['batched_speedup']:.2f}x)", file=sys.stderr)
+        result = editor.apply(requests)
+        for key in ("targets_seconds", "update_seconds"):
+            timing[key] += result.timings[key]
+        timing["stats_seconds"] += result.timings["stats_seconds"]
+        probs += result.target_prob
+        steps += result.target_steps
+        print(f"[bench] batch {b + 1}/{len(batches)}: targets {result.timings['targets_seconds']:.1f}s, "
+              f"update {result.timings['update_seconds']:.1f}s, mean target p {sum(result.target_prob) / len(batch):.3f}",
+              file=sys.stderr)
+    edit_seconds = timing["stats_seconds"] + timing["targets_seconds"] + timing["update_seconds"]
+
+    t = time.perf_counter()
+    post = _evaluate(args, model, tok, cases)
+    timing["eval_seconds"] = eval_seconds + time.perf_counter() - t
+    timing["seconds_per_edit"] = edit_seconds / len(cases)
+    timing["seconds_per_edit_without_stats"] = (timing["targets_seconds"] + timing["update_seconds"]) / len(cases)
+    timing["total_seconds"] = time.perf_counter() - started
+    return {
+        "model": args.model, "method": args.method, "dataset": args.dataset, "edits": len(cases),
+        "batch": args.batch, "seed": args.seed, "rejected_records": rejected,
+        "pre": pre, "post": post, "timing": timing,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "config": editor.config.to_dict(),
+        "projectors": {str(i): v for i, v in editor.projector_info.items()},
+        "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
+                    "converged": sum(p >= 0.95 for p in probs) / len(probs)},
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _contexts(editor) -> list[str]:
+    from editfleet.workers.editing.contexts import generate_contexts
+
+    cfg = editor.config
+    return generate_contexts(editor.model, editor.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    keys = ["efficacy", "generalization", "specificity", "fluency", "perplexity"]
+    extra = [k for k in ("efficacy_top1", "generalization_top1", "specificity_top1") if k in report["pre"]]
+    lines = [f"{report['model']} / {report['method']} / {report['dataset']}: {report['edits']} edits, "
+             f"batches of {report['batch']}", f"{'metric':<22}{'pre':>10}{'post':>10}"]
+    for k in keys + extra:
+        pre, post = report["pre"].get(k), report["post"].get(k)
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"{k:<22}{fmt(pre):>10}{fmt(post):>10}")
+    t = report["timing"]
+    lines.append("timing: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+    lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB; targets: mean p {report['targets']['mean_prob']:.3f}, "
+                 f"mean steps {report['targets']['mean_steps']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.edits <= 0 or args.batch <= 0:
+        raise SystemExit("--edits and --batch must be positive")
+    report = run(args)
+    print(table(report))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

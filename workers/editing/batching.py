@@ -1,0 +1,83 @@
+"""Tokenised, right-padded batches of edit prompts with the positions the engine reads.
+
+For every row it records where the subject's last token is (the key position, found through
+the tokenizer's character offsets, so leading-space conventions do not matter) and which
+positions predict the target tokens (teacher forcing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of a target as it follows a prompt: one space, then the target."""
+    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+@dataclass
+class Rows:
+    """A padded batch. Index tensors are all 1-D over rows unless noted."""
+
+    input_ids: torch.Tensor          # (B, T)
+    attention_mask: torch.Tensor     # (B, T)
+    subject_pos: torch.Tensor        # position of the subject's last token
+    last_pos: torch.Tensor           # position of the last prompt token (before any target)
+    owner: torch.Tensor              # which request each row belongs to
+    loss_row: torch.Tensor           # (P,) rows of positions that predict target tokens
+    loss_col: torch.Tensor           # (P,) their positions
+    loss_label: torch.Tensor         # (P,) the token each should predict
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode(tokenizer, texts: list[str], subject_ends: list[int], owners: list[int],
+           targets: list[list[int] | None] | None = None) -> Rows:
+    """Encode texts (subject ending at character ``subject_ends[i]``), appending targets[:-1].
+
+    Raises ValueError naming the row when the subject cannot be located among the tokens.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    targets = targets or [None] * len(texts)
+    seqs, subj, last, lrow, lcol, llab = [], [], [], [], [], []
+    for r, (text, end, tgt) in enumerate(zip(texts, subject_ends, targets)):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        pos = [i for i, (s, e) in enumerate(offsets) if e > s and s < end]
+        if not pos:
+            raise ValueError(f"cannot locate the subject in the tokens of {text!r}")
+        subj.append(pos[-1])
+        last.append(len(ids) - 1)
+        if tgt:
+            for j, token in enumerate(tgt):
+                lrow.append(r)
+                lcol.append(len(ids) - 1 + j)
+                llab.append(token)
+            ids = ids + tgt[:-1]
+        seqs.append(ids)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
+    return Rows(input_ids, mask, as_long(subj), as_long(last), as_long(owners), as_long(lrow), as_long(lcol), as_long(llab))
+
+
+def prompt_rows(tokenizer, prompts: list[str], subjects: list[str], owners: list[int],
+                targets: list[list[int] | None] | None = None) -> Rows:
+    """Rows for prompts with a ``{}`` subject slot (context prefixes already applied)."""
+    texts, ends = [], []
+    for prompt, subject in zip(prompts, subjects):
+        head = prompt.split("{}", 1)[0]
+        texts.append(prompt.replace("{}", subject, 1))
+        ends.append(len(head) + len(subject))
+    return encode(tokenizer, texts, ends, owners, targets)

@@ -1,0 +1,118 @@
+"""Engine settings: one documented dataclass, with per-family, per-method defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["alphaedit", "memit"]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything that decides what an edit computes (and so belongs in a checkpoint's ID).
+
+    Attributes:
+        method: ``alphaedit`` (null-space projected update with sequential memory) or ``memit``
+            (covariance-weighted update, no projection).
+        layers: indices of the decoder layers whose MLP output projection is edited.
+        v_lr: Adam learning rate of the target-vector optimisation.
+        v_max_steps: upper bound on optimisation steps; requests stop early on convergence.
+        v_loss_threshold: a request has converged once its target NLL is below this.
+        clamp_norm_factor: the target shift is clamped to this fraction of the value's norm.
+        kl_factor: weight of KL(original || edited) on "{subject} is a" (essence drift).
+        v_weight_decay: weight of ||delta|| / ||value||^2.
+        n_prefixes: generated context prefixes (plus the bare prompt) per request.
+        prefix_tokens: length of each generated prefix, in tokens.
+        nullspace_threshold: absolute eigenvalue threshold: directions of the preserved key second
+            moment with eigenvalue below it form the null space (AlphaEdit's released code: 2e-2).
+        nullspace_energy: relative alternative: keep the smallest directions whose eigenvalues sum
+            to at most this fraction of the trace. Used instead of ``nullspace_threshold`` when set.
+        alpha: ridge term of the AlphaEdit solve (released code: 10).
+        mom2_update_weight: MEMIT's weight on the preserved second moment.
+        sequential_memory: accumulate the keys of earlier batches (K_p) into the solve.
+        stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
+        stats_max_length: tokens per statistics sequence.
+        stats_batch_size: sequences per statistics forward pass (bounds memory).
+        solve_dtype: ``float32`` or ``float64`` for the linear solve.
+        seed: seeds prefix generation and anything else random.
+    """
+
+    method: Method = "alphaedit"
+    layers: tuple[int, ...] = (4, 5, 6, 7, 8)
+    v_lr: float = 0.5
+    v_max_steps: int = 25
+    v_loss_threshold: float = 5e-2
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    n_prefixes: int = 5
+    prefix_tokens: int = 10
+    nullspace_threshold: float = 2e-2
+    nullspace_energy: float | None = None
+    alpha: float = 10.0
+    mom2_update_weight: float = 15000.0
+    sequential_memory: bool = True
+    stats_tokens: int = 100_000
+    stats_max_length: int = 256
+    stats_batch_size: int = 8
+    solve_dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("alphaedit", "memit"):
+            raise ValueError(f"method must be 'alphaedit' or 'memit', got {self.method!r}")
+        if not self.layers or sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"layers must be non-empty, increasing and unique, got {self.layers!r}")
+        if self.solve_dtype not in ("float32", "float64"):
+            raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
+        if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
+            raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
+        for name in ("v_lr", "v_max_steps", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown engine settings: {', '.join(unknown)}")
+        d = dict(d)
+        if "layers" in d:
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "EditConfig":
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+# Per family (as named by the model adapter) and method; tuned by measurement on the built-in
+# models, see docs/benchmarks.md. Families not listed use the dataclass defaults.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(layers=(4, 5, 6, 7, 8)),
+    "gemma3": dict(layers=(3, 4, 5, 6, 7)),
+    "gpt2": dict(layers=(1, 2)),
+}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "alphaedit": dict(sequential_memory=True),
+    "memit": dict(sequential_memory=False),
+}
+
+
+def default_config(family: str, method: Method = "alphaedit", num_layers: int | None = None, **overrides: Any) -> EditConfig:
+    """Defaults for a family and method, clipped to the model's depth, with overrides on top."""
+    values: dict[str, Any] = {"method": method, **FAMILY_DEFAULTS.get(family, {}), **METHOD_DEFAULTS[method]}
+    if num_layers is not None and "layers" not in overrides:
+        layers = tuple(i for i in values.get("layers", EditConfig.layers) if i < num_layers)
+        # Small models (tests): two layers in the lower part, below the last layer (a shift at the
+        # subject reaches the predicted tokens only through the attention of later layers).
+        values["layers"] = layers if layers and max(layers) < num_layers - 1 else (num_layers // 4, num_layers // 4 + 1)
+    values.update(overrides)
+    return EditConfig(**values)

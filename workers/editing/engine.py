@@ -1,0 +1,319 @@
+"""The editor: validates a batch, then statistics -> targets -> per-layer constrained updates.
+
+An ``Editor`` owns a loaded model while it edits it. It keeps copies of the base weights of the
+edited projections (so any checkpoint can be materialised as base + replayed deltas) and the
+sequential-editing memory K_p. A batch is applied whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editfleet.workers.editing import ENGINE_VERSION
+from editfleet.workers.editing.batching import target_ids
+from editfleet.workers.editing.config import EditConfig, Method, default_config
+from editfleet.workers.editing.contexts import generate_contexts
+from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
+                                                parse_requests)
+from editfleet.workers.editing.runner import LayerRunner, capture_projection
+from editfleet.workers.editing.statistics import (LayerStats, StatsCache, compute_second_moments,
+                                                  file_digest, params_digest)
+from editfleet.workers.editing.targets import context_rows, optimise_targets
+from editfleet.workers.editing.update import solve_update
+from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
+
+Progress = Callable[[str, int, int], None]
+LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class BatchResult:
+    """What one applied batch changed: enough to replay it onto the base model."""
+
+    deltas: LowRank                  # layer -> (U (d_model, n), V (d_ff, n)); weight += U @ V.T
+    keys: dict[int, torch.Tensor]    # layer -> (d_ff, n) keys on the edited model (added to K_p)
+    target_prob: list[float]         # per request, target probability reached by the optimisation
+    target_steps: list[int]          # per request, optimisation steps taken
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_corpus() -> list[Path]:
+    """The WikiText-2 files of the data folder (see workers/evaluation/data.py)."""
+    from editfleet.workers.evaluation.data import data_dir
+
+    root = data_dir() / "wikitext-2-raw"
+    files = [root / "wiki.valid.raw", root / "wiki.test.raw"]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"statistics corpus not found: {', '.join(missing)}")
+    return files
+
+
+class Editor:
+    """Applies batches of edits to ``model`` in place (see module docstring).
+
+    Args:
+        model, tokenizer: a loaded causal LM (float32) and its tokenizer (right padding).
+        config: the engine settings.
+        cache_dir: where statistics and projectors are cached.
+        corpus: text files for the preserved-knowledge statistics (default: WikiText-2).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EditConfig, cache_dir: str | Path,
+                 corpus: Sequence[str | Path] | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.adapter: FamilyAdapter = adapter_for(model)
+        n_layers = self.adapter.num_layers(model)
+        bad = [i for i in config.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers")
+        if max(config.layers) >= n_layers - 1:
+            raise ValueError(f"the last edited layer must be below the model's last layer ({n_layers - 1}): "
+                             "a value at the subject reaches the answer only through later layers")
+        self.cache = StatsCache(Path(cache_dir))
+        self.corpus = [Path(p) for p in corpus] if corpus is not None else None
+        self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
+        self.memory = {i: torch.zeros(w.shape[1], w.shape[1]) for i, w in self._base.items()}
+        self.history: list[tuple[LowRank, dict[int, torch.Tensor]]] = []
+        self.contexts: list[str] | None = None
+        self._stats: dict[int, LayerStats] | None = None
+        self._projectors: dict[int, torch.Tensor] | None = None
+        self.projector_info: dict[int, dict] = {}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer, method: Method = "alphaedit", *, cache_dir: str | Path,
+                  corpus: Sequence[str | Path] | None = None, **overrides: Any) -> "Editor":
+        """An editor with the family's default settings for ``method``, ``overrides`` on top."""
+        adapter = adapter_for(model)
+        config = default_config(adapter.family, method, adapter.num_layers(model), **overrides)
+        return cls(model, tokenizer, config, cache_dir, corpus)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, records: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
+        """Requests from records, or ``EditValidationError`` naming each bad record and field."""
+        if not records:
+            raise EditValidationError([FieldViolation(0, "edits", "the batch is empty")])
+        requests = [r if isinstance(r, EditRequest) else None for r in records]
+        if any(r is None for r in requests):
+            parsed = iter(parse_requests([r for r in records if not isinstance(r, EditRequest)]))
+            requests = [r if r is not None else next(parsed) for r in requests]
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        prefix = (self.config.prefix_tokens + 8) if self.config.n_prefixes else 0
+        violations = []
+        for i, req in enumerate(requests):
+            try:
+                tgt = target_ids(self.tokenizer, req.target_new)
+            except ValueError as exc:
+                violations.append(FieldViolation(i, "target_new", str(exc), req.record_id))
+                continue
+            used = len(self.tokenizer(req.text)["input_ids"]) + len(tgt) + prefix
+            if used > limit:
+                violations.append(FieldViolation(
+                    i, "prompt", f"prompt and target need {used} tokens with context prefixes; "
+                    f"the model's context is {limit}", req.record_id))
+            try:
+                context_rows(self.tokenizer, [req], ["{}"])
+            except ValueError as exc:
+                violations.append(FieldViolation(i, "subject", str(exc), req.record_id))
+        if violations:
+            raise EditValidationError(violations)
+        return requests
+
+    # -- statistics and projectors ------------------------------------------------------------
+
+    def _corpus(self) -> list[Path]:
+        if self.corpus is None:
+            self.corpus = default_corpus()
+        return self.corpus
+
+    def statistics(self, progress: Progress | None = None) -> dict[int, LayerStats]:
+        """Second moments of the preserved keys per edited layer, on the base weights (cached)."""
+        if self._stats is None:
+            cfg, corpus = self.config, self._corpus()
+            weights = params_digest(self.model, self.adapter, max(cfg.layers), self._base)
+            corpus_digest = file_digest(corpus)
+            self._stat_keys = {i: StatsCache.key(kind="moment", weights=weights, layer=i, corpus=corpus_digest,
+                                                 tokens=cfg.stats_tokens, length=cfg.stats_max_length)
+                               for i in cfg.layers}
+
+            def compute(layers: list[int]) -> dict[int, LayerStats]:
+                with self._base_weights():
+                    return compute_second_moments(self.model, self.tokenizer, self.adapter, layers, corpus,
+                                                  cfg.stats_tokens, cfg.stats_max_length, cfg.stats_batch_size,
+                                                  progress)
+
+            self._stats = self.cache.moments(self._stat_keys, compute)
+        return self._stats
+
+    def projectors(self, progress: Progress | None = None) -> dict[int, torch.Tensor]:
+        """Null-space projectors per edited layer (cached)."""
+        if self._projectors is None:
+            stats = self.statistics(progress)
+            self._projectors = {}
+            for i in self.config.layers:
+                p, info = self.cache.projector(self._stat_keys[i], stats[i], self.config.nullspace_threshold,
+                                               self.config.nullspace_energy)
+                self._projectors[i], self.projector_info[i] = p, info
+        return self._projectors
+
+    # -- editing --------------------------------------------------------------------------------
+
+    def apply(self, records: Sequence[EditRequest | Mapping[str, Any]], progress: Progress | None = None) -> BatchResult:
+        """Validate, then apply the batch to the model's weights; all or nothing."""
+        cfg, model, tok, adapter = self.config, self.model, self.tokenizer, self.adapter
+        requests = self.validate(records)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        alphaedit = cfg.method == "alphaedit"
+        projectors = self.projectors(progress) if alphaedit else None
+        stats = None if alphaedit else self.statistics(progress)
+        if self.contexts is None:
+            self.contexts = generate_contexts(model, tok, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+        timings["stats_seconds"] = time.perf_counter() - t
+
+        snapshot = {i: adapter.weight(model, i).detach().clone() for i in cfg.layers}
+        try:
+            t = time.perf_counter()
+            targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
+            timings["targets_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            deltas = self._update(requests, targets.z, projectors, stats, progress)
+            keys = self._keys(requests, cfg.layers)
+            timings["update_seconds"] = time.perf_counter() - t
+        except BaseException:
+            self._set_weights(snapshot)
+            raise
+        self._remember(deltas, keys)
+        if progress:
+            progress("done", len(requests), len(requests))
+        return BatchResult(deltas=deltas, keys=keys, target_prob=[float(torch.exp(torch.tensor(-x))) for x in targets.nll],
+                           target_steps=targets.steps, timings=timings)
+
+    def _update(self, requests: list[EditRequest], z: torch.Tensor, projectors: dict | None,
+                stats: dict | None, progress: Progress | None) -> LowRank:
+        cfg, model, adapter = self.config, self.model, self.adapter
+        last = cfg.layers[-1]
+        rows = context_rows(self.tokenizer, requests, self.contexts)
+        n_ctx = len(self.contexts)
+        bare = torch.arange(0, rows.size, n_ctx)
+        runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=cfg.layers[0], stop=last)
+        dtype = torch.float64 if cfg.solve_dtype == "float64" else torch.float32
+        deltas: LowRank = {}
+        for i, layer in enumerate(cfg.layers):
+            with capture_projection(model, adapter, [layer], outputs=True) as seen, torch.no_grad():
+                h = runner.run()
+            keys = self._mean_keys(seen["in"][layer], rows)
+            h_now = h[bare, rows.subject_pos[bare]]
+            r = (z - h_now) / (len(cfg.layers) - i)
+            norm = adapter.post_norm_module(model, layer)
+            if norm is not None:
+                value = seen["out"][layer][bare, rows.subject_pos[bare]]
+                with torch.no_grad():
+                    r = adapter.invert_post_norm(norm, norm(value) + r, value) - value
+            u, v = solve_update(
+                keys, r.T, projector=projectors[layer] if projectors else None,
+                memory=self.memory[layer] if cfg.sequential_memory else None,
+                moment=stats[layer].moment if stats else None, moment_weight=cfg.mom2_update_weight,
+                alpha=cfg.alpha if projectors else 0.0, dtype=dtype,
+            )
+            adapter.add_delta(model, layer, u @ v.T)
+            deltas[layer] = (u, v)
+            if progress:
+                progress("layer", i + 1, len(cfg.layers))
+        return deltas
+
+    def _keys(self, requests: list[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, n) each."""
+        rows = context_rows(self.tokenizer, requests, self.contexts)
+        with capture_projection(self.model, self.adapter, list(layers)) as seen:
+            LayerRunner(self.model, self.adapter, rows.input_ids, rows.attention_mask, start=layers[0], stop=max(layers))
+        return {i: self._mean_keys(seen["in"][i], rows) for i in layers}
+
+    @staticmethod
+    def _mean_keys(inputs: torch.Tensor, rows) -> torch.Tensor:
+        """Keys at the subject's last token, averaged over each request's contexts: (d_ff, n)."""
+        at = inputs[torch.arange(rows.size), rows.subject_pos].to(torch.float32)
+        n = int(rows.owner.max()) + 1
+        total = torch.zeros(n, at.shape[1]).index_add(0, rows.owner, at)
+        return (total / torch.bincount(rows.owner, minlength=n)[:, None]).T.contiguous()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _remember(self, deltas: LowRank, keys: dict[int, torch.Tensor]) -> None:
+        for i, k in keys.items():
+            self.memory[i] += k @ k.T
+        self.history.append((deltas, keys))
+
+    def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor]) -> None:
+        """Re-apply a stored batch: its deltas to the weights and its keys to K_p."""
+        for i, (u, v) in deltas.items():
+            self.adapter.add_delta(self.model, i, u @ v.T)
+        self._remember(deltas, keys)
+
+    def restore_base(self) -> None:
+        """Back to the base weights with an empty editing memory."""
+        self._set_weights(self._base)
+        for m in self.memory.values():
+            m.zero_()
+        self.history.clear()
+
+    def _set_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, w in weights.items():
+                self.adapter.weight(self.model, i).copy_(w)
+
+    @contextmanager
+    def _base_weights(self) -> Iterator[None]:
+        """The edited projections hold their base weights inside this block (for statistics)."""
+        saved = {i: self.adapter.weight(self.model, i).detach().clone() for i in self._base}
+        self._set_weights(self._base)
+        try:
+            yield
+        finally:
+            self._set_weights(saved)
+
+    def save_state(self, folder: str | Path) -> Path:
+        """Write everything needed to continue editing: settings, contexts, K_p and the batches."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"memory.{i}": m for i, m in self.memory.items()}
+        for b, (deltas, keys) in enumerate(self.history):
+            for i, (u, v) in deltas.items():
+                tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"] = u, v
+                tensors[f"batch{b}.{i}.K"] = keys[i]
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
+        meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
+                "batches": len(self.history)}
+        (folder / "state.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load_state(cls, model: nn.Module, tokenizer, folder: str | Path, cache_dir: str | Path,
+                   corpus: Sequence[str | Path] | None = None) -> "Editor":
+        """An editor for the BASE ``model`` with a saved state's batches replayed and K_p restored."""
+        folder = Path(folder)
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["engine_version"] != ENGINE_VERSION:
+            raise ValueError(f"state from engine version {meta['engine_version']}, this is {ENGINE_VERSION}")
+        editor = cls(model, tokenizer, EditConfig.from_dict(meta["config"]), cache_dir, corpus)
+        editor.contexts = meta["contexts"]
+        tensors = load_file(folder / "state.safetensors")
+        for b in range(meta["batches"]):
+            deltas = {i: (tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"]) for i in editor.config.layers}
+            keys = {i: tensors[f"batch{b}.{i}.K"] for i in editor.config.layers}
+            for i, (u, v) in deltas.items():
+                editor.adapter.add_delta(model, i, u @ v.T)
+            editor.history.append((deltas, keys))
+        for i in editor.config.layers:
+            editor.memory[i] = tensors[f"memory.{i}"].clone()
+        return editor

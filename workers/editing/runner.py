@@ -1,0 +1,113 @@
+"""Run a model's decoder layers piecewise, reusing what does not change.
+
+During target optimisation and per-layer key recomputation only the layers from some index on
+are affected. One full pass records each layer's inputs (masks, rotary embeddings, position ids:
+whatever the family passes), after which ``run`` replays a slice of the stack from a cached
+hidden state. This is what keeps the layers below the edited ones out of every optimisation step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from editfleet.workers.models.adapters import FamilyAdapter
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+@contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LayerRunner:
+    """Captures one forward pass of a padded batch and replays layer slices of it.
+
+    Args:
+        model, adapter: the model and its family adapter.
+        input_ids, attention_mask: the (right-padded) batch.
+        start: first layer whose input hidden state is kept (the slice start).
+        stop: last layer the recording pass needs to reach (None: all layers).
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, start: int, stop: int | None = None):
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.layer_modules(model)
+        self.stop = len(self.layers) - 1 if stop is None else stop
+        self.start = start
+        self.calls: dict[int, tuple[bool, tuple, dict]] = {}
+        self.hidden_in: torch.Tensor | None = None
+
+        def pre_hook(index: int):
+            def hook(module, args, kwargs):
+                as_kw = not args
+                hidden = kwargs["hidden_states"] if as_kw else args[0]
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.calls[index] = (as_kw, tuple(args[1:]), kw)
+                if index == self.start:
+                    self.hidden_in = hidden.detach()
+            return hook
+
+        def stop_hook(module, args, output):
+            raise _Stop
+
+        handles = [self.layers[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True)
+                   for j in range(start, self.stop + 1)]
+        handles.append(self.layers[self.stop].register_forward_hook(stop_hook))
+        with hooks(handles), torch.no_grad():
+            try:
+                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _Stop:
+                pass
+        if self.hidden_in is None:
+            raise RuntimeError("the recording pass did not reach the start layer")
+
+    def run(self, end: int | None = None, hidden: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+        """Hidden state output by layer ``end`` (default: the recorded stop), from ``start``'s input."""
+        start = self.start if start is None else start
+        end = self.stop if end is None else end
+        h = self.hidden_in if hidden is None else hidden
+        for j in range(start, end + 1):
+            as_kw, rest, kw = self.calls[j]
+            out = self.layers[j](*rest, hidden_states=h, **kw) if as_kw else self.layers[j](h, *rest, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+@contextmanager
+def capture_projection(model: nn.Module, adapter: FamilyAdapter, layers: list[int], inputs: bool = True,
+                       outputs: bool = False) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+    """Record the edited projection's input (keys) and/or output (values) at the given layers."""
+    seen: dict[str, dict[int, torch.Tensor]] = {"in": {}, "out": {}}
+
+    def hook(index: int):
+        def record(module, args, output):
+            if inputs:
+                seen["in"][index] = args[0].detach()
+            if outputs:
+                seen["out"][index] = output.detach()
+        return record
+
+    handles = [adapter.projection_module(model, i).register_forward_hook(hook(i)) for i in layers]
+    with hooks(handles):
+        yield seen
+
+
+@contextmanager
+def add_at_projection(model: nn.Module, adapter: FamilyAdapter, layer: int,
+                      shift: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the projection output of ``layer`` by ``shift(output)`` (differentiably)."""
+    handle = adapter.projection_module(model, layer).register_forward_hook(lambda m, a, out: shift(out))
+    with hooks([handle]):
+        yield

@@ -1,0 +1,219 @@
+"""Preserved-knowledge statistics (K0 K0^T) and the null-space projectors built from them.
+
+The second moment of the edited projections' inputs over a text corpus depends only on the base
+weights, the layer and the corpus, so both it and the projector are cached on disk under a key
+of exactly those inputs: the first job of a model pays minutes, later jobs load in milliseconds.
+Text is streamed and packed into fixed-length sequences; memory is bounded by the batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editfleet.workers.editing.runner import LayerRunner, capture_projection
+from editfleet.workers.models.adapters import FamilyAdapter
+
+Progress = Callable[[str, int, int], None]
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
+                  base_weights: dict[int, torch.Tensor]) -> str:
+    """Digest of the base parameters that keys up to ``upto_layer`` depend on.
+
+    Edited projections are hashed from their kept base copies, so the digest (and the cache key)
+    of an edited model is that of its base.
+    """
+    h = hashlib.sha256()
+    prefix = adapter.layers + "."
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            index = int(name[len(prefix):].split(".", 1)[0])
+            if index > upto_layer:
+                continue
+            if name == adapter.projection_name(index) + ".weight" and index in base_weights:
+                p = base_weights[index]
+        elif "lm_head" in name or name.startswith(adapter.final_norm):
+            continue
+        h.update(name.encode())
+        h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def token_sequences(tokenizer, paths: Sequence[Path], length: int, total_tokens: int) -> Iterator[list[int]]:
+    """Packed token sequences of ``length`` from the corpus files, ``total_tokens`` at most."""
+    buffer: list[int] = []
+    emitted = 0
+    lines: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        nonlocal emitted
+        text = "".join(lines)
+        lines.clear()
+        if text.strip():
+            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        while len(buffer) >= length and emitted < total_tokens:
+            yield buffer[:length]
+            del buffer[:length]
+            emitted += length
+
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= 64:
+                    yield from flush()
+                if emitted >= total_tokens:
+                    return
+    yield from flush()
+
+
+@dataclass
+class LayerStats:
+    moment: torch.Tensor  # (d_ff, d_ff) float32, mean of k k^T
+    count: int
+
+
+def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
+                           corpus: Sequence[Path], total_tokens: int, length: int, batch_size: int,
+                           progress: Progress | None = None) -> dict[int, LayerStats]:
+    """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
+    last = max(layers)
+    dims = {i: adapter.key_dim(model, i) for i in layers}
+    sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32) for i in layers}
+    count = 0
+    batch: list[list[int]] = []
+    bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
+    seq_len = length - (1 if bos is not None else 0)
+    started = time.monotonic()
+    expected = max(1, total_tokens // seq_len)
+
+    def run(batch: list[list[int]]) -> None:
+        nonlocal count
+        ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with capture_projection(model, adapter, list(layers)) as seen, torch.no_grad():
+            LayerRunner(model, adapter, ids, mask, start=last, stop=last)
+        for i in layers:
+            k = seen["in"][i].reshape(-1, dims[i]).to(torch.float32)
+            sums[i].addmm_(k.T, k)
+        count += ids.numel()
+
+    done = 0
+    for seq in token_sequences(tokenizer, corpus, seq_len, total_tokens):
+        batch.append(seq)
+        if len(batch) == batch_size:
+            run(batch)
+            done += len(batch)
+            batch = []
+            if progress:
+                progress("statistics", min(done, expected), expected)
+    if batch:
+        run(batch)
+        done += len(batch)
+    if count == 0:
+        raise ValueError(f"corpus {', '.join(map(str, corpus))} yields no full sequence of {seq_len} tokens")
+    if progress:
+        progress("statistics", expected, expected)
+    print(f"[editfleet] key statistics: {count} tokens, layers {list(layers)}, "
+          f"{time.monotonic() - started:.1f}s", file=sys.stderr)
+    return {i: LayerStats(sums[i] / count, count) for i in layers}
+
+
+def projector(moment: torch.Tensor, threshold: float, energy: float | None) -> tuple[torch.Tensor, dict]:
+    """P = U U^T over the eigenvectors of the second moment that carry (almost) no preserved keys.
+
+    ``threshold``: keep eigenvalues below it (AlphaEdit). ``energy``: instead keep the smallest
+    directions whose eigenvalues sum to at most that fraction of the trace.
+    """
+    values, vectors = torch.linalg.eigh(moment.to(torch.float64))
+    values = values.clamp_min(0)
+    if energy is not None:
+        keep = torch.cumsum(values, 0) <= energy * values.sum()
+    else:
+        keep = values < threshold
+    u = vectors[:, keep]
+    info = {
+        "kept": int(keep.sum()),
+        "dims": int(values.numel()),
+        "kept_energy": float(values[keep].sum() / values.sum().clamp_min(1e-30)),
+    }
+    return (u @ u.T).to(torch.float32), info
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class StatsCache:
+    """On-disk cache of second moments and projectors, keyed by everything they depend on."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(**parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    def moments(self, keys: dict[int, str],
+                compute: Callable[[list[int]], dict[int, LayerStats]]) -> dict[int, LayerStats]:
+        """Second moments per layer: loaded when cached under ``keys[layer]``, else computed and stored."""
+        paths = {i: self.root / "stats" / f"layer{i}-{k}.safetensors" for i, k in keys.items()}
+        missing = [i for i in keys if not paths[i].exists()]
+        out = compute(missing) if missing else {}
+        for i in missing:
+            _atomic_save({"moment": out[i].moment}, {"count": out[i].count, "layer": i}, paths[i])
+        for i in keys:
+            if i not in out:
+                out[i] = LayerStats(load_file(paths[i])["moment"], int(read_metadata(paths[i])["count"]))
+        return {i: out[i] for i in keys}
+
+    def projector(self, moment_key: str, stats: LayerStats, threshold: float,
+                  energy: float | None) -> tuple[torch.Tensor, dict]:
+        """The null-space projector of one layer, cached with its kept-directions summary."""
+        key = self.key(kind="projector", moment=moment_key, threshold=threshold, energy=energy)
+        path = self.root / "projectors" / f"{key}.safetensors"
+        if path.exists():
+            return load_file(path)["P"], read_metadata(path)
+        p, info = projector(stats.moment, threshold, energy)
+        _atomic_save({"P": p}, info, path)
+        return p, info
+
+
+def read_metadata(path: Path) -> dict:
+    """The JSON metadata stored with a cached tensor file."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))

@@ -1,0 +1,33 @@
+"""Forward passes that read logits only where they are needed.
+
+Gemma 3 has a 262k-token vocabulary: full logits for a batch of prompts cost gigabytes, while
+scoring and target optimisation read a handful of positions. These helpers run the decoder to
+its final hidden states and apply the LM head to the gathered positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the final norm, (batch, seq, d_model)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits for already-normed hidden states of any leading shape (float32)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits (n, vocab) at positions ``(rows[i], cols[i])`` of a padded batch."""
+    hidden = final_hidden(model, input_ids, attention_mask)
+    return head_logits(model, hidden[rows, cols])
