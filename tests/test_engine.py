@@ -26,7 +26,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def make_editor(tmp_path, corpus, family="llama", method="alphaedit", **overrides) -> Editor:
-    model, tok = tiny_model(family, seed=0, intermediate_size=512, initializer_range=0.1)
+    width = {"n_inner": 512} if family == "gpt2" else {"intermediate_size": 512}
+    model, tok = tiny_model(family, seed=0, initializer_range=0.1, **width)
     return Editor.for_model(model, tok, method, cache_dir=tmp_path / "cache", corpus=[corpus], **{**TINY, **overrides})
 
 
@@ -47,23 +48,39 @@ def relative_output_change(editor: Editor, keys: dict[int, torch.Tensor], before
     return worst
 
 
+def value_at_subject(editor: Editor, requests) -> torch.Tensor:
+    """The last edited layer's output at each request's subject (bare prompt)."""
+    rows = context_rows(editor.tokenizer, requests, ["{}"])
+    runner = LayerRunner(editor.model, editor.adapter, rows.input_ids, rows.attention_mask, start=0,
+                         stop=editor.config.layers[-1])
+    with torch.no_grad():
+        return runner.run()[torch.arange(rows.size), rows.subject_pos]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_alphaedit_preserves_statistics_keys_and_reaches_targets(tmp_path, corpus, family):
     editor = make_editor(tmp_path, corpus, family)
     keys = preserved_keys(editor, corpus)
     before = projection_weights(editor)
-    pre = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
+    value_before = value_at_subject(editor, REQUESTS)
+    nll_before = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
+    editor.contexts = ["{}", "Once upon a time. {}", "Well. {}"]
+    z = optimise_targets(editor.model, editor.tokenizer, editor.adapter, REQUESTS, editor.contexts, editor.config).z
     result = editor.apply(REQUESTS)
 
+    # Null space: outputs for the keys the statistics were computed on do not move.
     assert relative_output_change(editor, keys, before) <= 1e-4
     info = editor.projector_info
     assert all(0 < v["kept"] < v["dims"] for v in info.values()), info
-    post = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
-    reached = [-torch.log(torch.tensor(p)).item() for p in result.target_prob]
-    for name, a, b, goal in zip([r.record_id for r in REQUESTS], pre, post, reached):
-        # The edited model gives the target the probability the optimisation reached (within
-        # what the context prefixes average out), far above the unedited model's.
-        assert b < a - 0.5 * (a - goal), (name, a, b, goal)
+    # The edited requests reach their target values: most of the distance to z closes (what is
+    # left is the ridge term and the directions the projector forbids) ...
+    after = value_at_subject(editor, REQUESTS)
+    gap = ((after - z).norm(dim=-1) / (value_before - z).norm(dim=-1)).max().item()
+    assert gap < 0.3, gap
+    # ... and the new answers become more likely (tiny random models move little: the real-model
+    # test checks that edits take).
+    nll_after = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
+    assert sum(nll_after) < sum(nll_before) - 0.1, (nll_before, nll_after)
     assert all(u.shape[1] == len(REQUESTS) and v.shape[1] == len(REQUESTS) for u, v in result.deltas.values())
 
 
@@ -92,12 +109,18 @@ def test_converged_requests_freeze_while_others_continue():
     model, tok = tiny_model("llama", seed=1, initializer_range=0.1)
     contexts = ["{}"]
     config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 8})
-    first = optimise_targets(model, tok, _adapter(model), REQUESTS[:1], contexts, config)
-    # A threshold the first request already meets after its first steps stops only it.
-    loose = config.replace(v_loss_threshold=first.nll[0] + 1e-3)
-    mixed = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, loose)
-    assert mixed.steps[0] < config.v_max_steps - 1
-    assert max(mixed.steps) >= mixed.steps[0]
+    adapter = _adapter(model)
+    start = optimise_targets(model, tok, adapter, REQUESTS[:1], contexts, config.replace(v_max_steps=1)).nll[0]
+    end = optimise_targets(model, tok, adapter, REQUESTS[:1], contexts, config).nll[0]
+    assert end < start
+    # A threshold the first request crosses half-way stops it early; the others go on, and its
+    # result is what it would be alone with that threshold.
+    loose = config.replace(v_loss_threshold=(start + end) / 2)
+    alone = optimise_targets(model, tok, adapter, REQUESTS[:1], contexts, loose)
+    mixed = optimise_targets(model, tok, adapter, REQUESTS, contexts, loose)
+    assert mixed.steps[0] == alone.steps[0] < config.v_max_steps - 1
+    assert max(mixed.steps[1:]) > mixed.steps[0]
+    torch.testing.assert_close(mixed.shift[0], alone.shift[0], rtol=1e-4, atol=1e-5)
 
 
 def _adapter(model):
@@ -111,8 +134,9 @@ import json, sys, torch
 from pathlib import Path
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.models.tiny import tiny_model
+state, cache, corpus, out, tests = map(Path, sys.argv[1:6])
+sys.path.insert(0, str(tests))
 from engine_support import REQUESTS
-state, cache, corpus, out = map(Path, sys.argv[1:5])
 model, tok = tiny_model("llama", seed=0, intermediate_size=512, initializer_range=0.1)
 editor = Editor.load_state(model, tok, state, cache_dir=cache, corpus=[corpus])
 editor.apply(REQUESTS[2:3])
@@ -159,7 +183,7 @@ BAD_RECORDS = [
     ({"prompt": "{} is in", "subject": "Paris"}, "target_new", "missing"),
     ({"subject": "Aaron", "src": "What is Aaron's job?", "rephrase": "Aaron's job?", "alt": "", "answers": ["baker"],
       "loc": "q", "loc_ans": "a", "case_id": 534}, "target_new", "empty"),
-    ({"prompt": "{} is " + "very " * 400 + "far", "subject": "Paris", "target_new": "Rome"}, "prompt", "context"),
+    ({"prompt": "{} is " + "very " * 60 + "far", "subject": "Paris", "target_new": "Rome"}, "prompt", "context"),
 ]
 
 

@@ -9,19 +9,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from editfleet.workers.models.forward import final_hidden, head_logits
+
 STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
-def generate_contexts(model: nn.Module, tokenizer, n: int, tokens: int, seed: int) -> list[str]:
-    """``["{}"]`` followed by ``n`` templates ``"<generated text>. {}"``."""
+@torch.no_grad()
+def generate_contexts(model: nn.Module, tokenizer, n: int, tokens: int, seed: int, top_k: int = 5) -> list[str]:
+    """``["{}"]`` followed by ``n`` templates ``"<generated text>. {}"`` (top-k sampling).
+
+    A plain loop over a few short sequences: cheaper than ``generate``'s cache set-up, which for
+    Gemma 3 allocates for its whole context window.
+    """
+    generator = torch.Generator().manual_seed(seed)
     out = ["{}"]
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
-        for i in range(n):
-            enc = tokenizer(STARTS[i % len(STARTS)], return_tensors="pt")
-            gen = model.generate(**enc, max_new_tokens=tokens, do_sample=True, top_k=5,
-                                 pad_token_id=tokenizer.pad_token_id)
-            text = tokenizer.decode(gen[0], skip_special_tokens=True)
-            text = " ".join(text.replace("{", " ").replace("}", " ").split())
-            out.append(text + ". {}")
+    for i in range(n):
+        ids = torch.tensor([tokenizer(STARTS[i % len(STARTS)])["input_ids"]])
+        prompt_len = ids.shape[1]
+        for _ in range(tokens):
+            logits = head_logits(model, final_hidden(model, ids, torch.ones_like(ids))[:, -1])
+            top = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
+            ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+        text = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
+        text = STARTS[i % len(STARTS)] + text
+        text = " ".join(text.replace("{", " ").replace("}", " ").split())
+        out.append(text + ". {}")
     return out

@@ -43,6 +43,8 @@ class BatchResult:
     keys: dict[int, torch.Tensor]    # layer -> (d_ff, n) keys on the edited model (added to K_p)
     target_prob: list[float]         # per request, target probability reached by the optimisation
     target_steps: list[int]          # per request, optimisation steps taken
+    value_gap: list[float]           # per request, ||h - z|| / ||h0 - z|| at the last edited layer after
+                                     # the update (0: the weights reproduce the target value exactly)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -163,6 +165,10 @@ class Editor:
             for i in self.config.layers:
                 p, info = self.cache.projector(self._stat_keys[i], stats[i], self.config.nullspace_threshold,
                                                self.config.nullspace_energy)
+                if info["kept"] == 0:
+                    raise ValueError(f"layer {i}: the preserved keys span every direction (no null space at "
+                                     f"threshold {self.config.nullspace_threshold}, energy "
+                                     f"{self.config.nullspace_energy}); an AlphaEdit update would be zero")
                 self._projectors[i], self.projector_info[i] = p, info
         return self._projectors
 
@@ -187,8 +193,8 @@ class Editor:
             targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
             timings["targets_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            deltas = self._update(requests, targets.z, projectors, stats, progress)
-            keys = self._keys(requests, cfg.layers)
+            deltas, start_values = self._update(requests, targets.z, projectors, stats, progress)
+            keys, end_values = self._keys(requests, cfg.layers)
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
             self._set_weights(snapshot)
@@ -197,10 +203,16 @@ class Editor:
         if progress:
             progress("done", len(requests), len(requests))
         return BatchResult(deltas=deltas, keys=keys, target_prob=[float(torch.exp(torch.tensor(-x))) for x in targets.nll],
-                           target_steps=targets.steps, timings=timings)
+                           target_steps=targets.steps,
+                           value_gap=((end_values - targets.z).norm(dim=-1)
+                                      / (start_values - targets.z).norm(dim=-1).clamp_min(1e-12)).tolist(),
+                           timings=timings)
 
     def _update(self, requests: list[EditRequest], z: torch.Tensor, projectors: dict | None,
-                stats: dict | None, progress: Progress | None) -> LowRank:
+                stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
+        """Per layer, shallow to deep: the residual still missing at the last layer, spread over
+        the remaining layers, mapped to this projection's output and solved for. Returns the
+        factors and the last layer's values before the first update."""
         cfg, model, adapter = self.config, self.model, self.adapter
         last = cfg.layers[-1]
         rows = context_rows(self.tokenizer, requests, self.contexts)
@@ -214,6 +226,8 @@ class Editor:
                 h = runner.run()
             keys = self._mean_keys(seen["in"][layer], rows)
             h_now = h[bare, rows.subject_pos[bare]]
+            if i == 0:
+                start = h_now
             r = (z - h_now) / (len(cfg.layers) - i)
             norm = adapter.post_norm_module(model, layer)
             if norm is not None:
@@ -226,18 +240,26 @@ class Editor:
                 moment=stats[layer].moment if stats else None, moment_weight=cfg.mom2_update_weight,
                 alpha=cfg.alpha if projectors else 0.0, dtype=dtype,
             )
-            adapter.add_delta(model, layer, u @ v.T)
+            delta = u @ v.T
+            if not torch.isfinite(delta).all():
+                raise FloatingPointError(f"the update of layer {layer} is not finite; nothing was applied")
+            adapter.add_delta(model, layer, delta)
             deltas[layer] = (u, v)
             if progress:
                 progress("layer", i + 1, len(cfg.layers))
-        return deltas
+        return deltas, start
 
-    def _keys(self, requests: list[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, n) each."""
+    def _keys(self, requests: list[EditRequest], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, n) each,
+        and the last edited layer's values at the subjects (bare prompt)."""
         rows = context_rows(self.tokenizer, requests, self.contexts)
         with capture_projection(self.model, self.adapter, list(layers)) as seen:
-            LayerRunner(self.model, self.adapter, rows.input_ids, rows.attention_mask, start=layers[0], stop=max(layers))
-        return {i: self._mean_keys(seen["in"][i], rows) for i in layers}
+            runner = LayerRunner(self.model, self.adapter, rows.input_ids, rows.attention_mask, start=layers[-1],
+                                 stop=max(layers))
+        with torch.no_grad():
+            h = runner.run()
+        bare = torch.arange(0, rows.size, len(self.contexts))
+        return {i: self._mean_keys(seen["in"][i], rows) for i in layers}, h[bare, rows.subject_pos[bare]]
 
     @staticmethod
     def _mean_keys(inputs: torch.Tensor, rows) -> torch.Tensor:

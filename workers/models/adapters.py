@@ -63,10 +63,14 @@ class FamilyAdapter:
 
         An RMS norm forgets its input's scale, so the inverse is defined up to scale; keeping the
         current output's scale makes the implied weight change as small as the target allows.
+        Dimensions the norm zeroes out (gain ~0, as some of Gemma 3's are) cannot be steered:
+        there the reference value is kept rather than dividing by zero.
         """
         gain = norm.weight.float() + self.post_norm_offset
         scale = reference.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
-        return target / gain * scale
+        live = gain.abs() > 1e-3 * gain.abs().median()
+        unit = torch.where(live, target / torch.where(live, gain, torch.ones_like(gain)), reference / scale)
+        return unit * scale
 
     def final_norm_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm)
