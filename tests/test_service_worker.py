@@ -1,0 +1,147 @@
+"""The worker behind the service, in process: edits, checkpoints, materialising chains, query, export.
+
+These go through ``InProcessExecutor``: the same worker code the Ray actors run, minus Ray.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from editfleet.workers.editing.requests import MAX_TEXT_CHARS
+from editfleet.workers.executor import InProcessExecutor
+from editfleet.workers.store import BASE, CheckpointStore, CorruptArtifact
+from service_support import EIFFEL, FAST_ENGINE, GOLD, LOUVRE, save_model, write_corpus
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker")
+    return {"model": save_model(root / "tiny-llama"), "corpus": write_corpus(root / "corpus.txt"),
+            "home": root / "home", "root": root}
+
+
+def _executor(parts, store_dir) -> InProcessExecutor:
+    return InProcessExecutor({"model": str(parts["model"]), "name": "tiny", "store_dir": str(store_dir),
+                              "home": str(parts["home"]), "corpus": [str(parts["corpus"])],
+                              "engine_overrides": FAST_ENGINE})
+
+
+def _run(executor, parent, edits, method="alphaedit", options=None) -> tuple[list[dict], dict]:
+    events = list(executor.collective_stream("run_edit", parent, edits, method, options or {}))
+    assert [e["kind"] for e in events[:-1]] == ["progress"] * (len(events) - 1)
+    return events[:-1], events[-1]
+
+
+def _edited_weights(executor) -> dict[int, torch.Tensor]:
+    worker = executor._workers[0]
+    return {i: worker.adapter.weight(worker.model, i).detach().clone() for i in FAST_ENGINE["layers"]}
+
+
+@pytest.fixture(scope="module")
+def chain(parts):
+    """Two sequential edits on the base model by one warm worker."""
+    executor = _executor(parts, parts["root"] / "store")
+    progress, first = _run(executor, BASE, [EIFFEL])
+    _, second = _run(executor, first["checkpoint"], [LOUVRE])
+    return {"executor": executor, "progress": progress, "first": first, "second": second,
+            "weights": _edited_weights(executor)}
+
+
+def test_edit_streams_progress_and_writes_a_checkpoint(chain, parts):
+    stages = [e["stage"] for e in chain["progress"]]
+    assert stages[0] == "materializing" and stages[-2:] == ["evaluating", "writing"]
+    assert {"statistics", "targets", "layer"} <= set(stages)
+    layers = [(e["current"], e["total"]) for e in chain["progress"] if e["stage"] == "layer"]
+    assert layers == [(1, 2), (2, 2)]
+    first = chain["first"]
+    assert first["kind"] == "result" and not first["reused"]
+    assert {"efficacy", "paraphrase_efficacy", "neighborhood_specificity", "target_prob_mean"} <= set(first["scores"])
+    record = CheckpointStore(parts["root"] / "store").read("tiny", first["checkpoint"])
+    assert record.parent == BASE and record.meta["layers"] == FAST_ENGINE["layers"]
+    assert record.meta["edits"][0]["prompt"] == "The home city of {}"
+    assert record.meta["engine_settings"]["v_max_steps"] == FAST_ENGINE["v_max_steps"]
+    tensors = load_file(parts["root"] / "store" / "models" / "tiny" / "checkpoints" / first["checkpoint"] / "layer002.safetensors")
+    assert tensors["U"].shape == (64, 1) and tensors["V"].shape == (192, 1) and tensors["K"].shape == (192, 1)
+
+
+def test_the_edit_shows_in_queries(chain):
+    executor = chain["executor"]
+    prompt = EIFFEL["prompt"]
+    [before] = executor.collective_rpc("query", BASE, [prompt], ["Rome", "Paris"], 3)[0]
+    [after] = executor.collective_rpc("query", chain["first"]["checkpoint"], [prompt], ["Rome", "Paris"], 3)[0]
+    p = {t["target"]: t["probability"] for t in before["targets"]}
+    q = {t["target"]: t["probability"] for t in after["targets"]}
+    assert q["Rome"] > 10 * p["Rome"] and q["Rome"] > q["Paris"]
+    assert len(after["top_tokens"]) == 3 and after["top_tokens"][0]["probability"] >= after["top_tokens"][1]["probability"]
+    [again] = executor.collective_rpc("query", BASE, [prompt], ["Rome", "Paris"], 3)[0]
+    assert again["targets"] == before["targets"]  # back to base exactly
+
+
+def test_same_job_on_same_parent_reuses_the_checkpoint(chain):
+    progress, again = _run(chain["executor"], BASE, [dict(EIFFEL, record_id="another id")])
+    assert again == {**chain["first"], "reused": True} and progress == []
+
+
+def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, parts):
+    """Rollback/resume property: base + replayed deltas + rebuilt K_p == the warm worker's state."""
+    copy = parts["root"] / "store-copy"
+    shutil.copytree(parts["root"] / "store", copy)
+    fresh = _executor(parts, copy)
+    second = chain["second"]["checkpoint"]
+    fresh.collective_rpc("query", second, ["x"])
+    for layer, weight in _edited_weights(fresh).items():
+        torch.testing.assert_close(weight, chain["weights"][layer], rtol=1e-6, atol=1e-7)
+    _, warm_third = _run(chain["executor"], second, [GOLD])
+    _, fresh_third = _run(fresh, second, [GOLD])
+    assert warm_third["checkpoint"] == fresh_third["checkpoint"] and not fresh_third["reused"]
+    for layer in FAST_ENGINE["layers"]:
+        name = f"models/tiny/checkpoints/{warm_third['checkpoint']}/layer{layer:03d}.safetensors"
+        warm, cold = load_file(parts["root"] / "store" / name), load_file(copy / name)
+        for key in ("U", "V", "K"):
+            torch.testing.assert_close(cold[key], warm[key], rtol=1e-4, atol=1e-6)
+
+
+def test_refused_edits_change_nothing(chain):
+    executor = chain["executor"]
+    head = chain["second"]["checkpoint"]
+    executor.collective_rpc("query", head, ["x"])
+    weights = _edited_weights(executor)
+    too_long = {"prompt": "{} " + "word " * 60, "subject": "Gold", "target_new": "wood"}  # > 256 byte-tokens
+    progress, rejected = _run(executor, head, [EIFFEL, too_long])
+    assert rejected["kind"] == "rejected"
+    assert [(v["index"], v["field"]) for v in rejected["violations"]] == [(1, "prompt")]
+    assert "context" in rejected["violations"][0]["description"]
+    for layer, weight in _edited_weights(executor).items():
+        assert torch.equal(weight, weights[layer])
+    _, bad_field = _run(executor, head, [{"prompt": "x" * (MAX_TEXT_CHARS + 1), "subject": "x", "target_new": "y"}])
+    assert bad_field["kind"] == "rejected" and bad_field["violations"][0]["field"] == "prompt"
+
+
+def test_export_writes_a_loadable_folder(chain, parts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    executor = chain["executor"]
+    second = chain["second"]["checkpoint"]
+    files = executor.collective_rpc("export", second, str(tmp_path / "export"))[0]
+    assert "config.json" in files and "editfleet-checkpoint.json" in files
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for layer, weight in chain["weights"].items():
+        torch.testing.assert_close(model.model.layers[layer].mlp.down_proj.weight, weight)
+    with pytest.raises(FileExistsError):
+        executor.collective_rpc("export", second, str(tmp_path / "export"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary leftovers
+
+
+def test_a_corrupted_artifact_stops_materialising(chain, parts, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(parts["root"] / "store", copy)
+    first = chain["first"]["checkpoint"]
+    path = copy / "models" / "tiny" / "checkpoints" / first / "layer003.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    fresh = _executor(parts, copy)
+    with pytest.raises(CorruptArtifact, match="layer003.safetensors"):
+        fresh.collective_rpc("query", chain["second"]["checkpoint"], ["x"])
