@@ -32,7 +32,6 @@ from safetensors.torch import save as save_tensors
 
 from editfleet.workers.editing import ENGINE_VERSION
 from editfleet.workers.editing.config import EditConfig, default_config
-from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
@@ -95,13 +94,9 @@ class EditWorker:
         if key not in self._editors:
             if self._state != (BASE, ""):
                 self._reset()
-            editor = Editor(self.model, self.tokenizer, config, self.cache_dir, self.corpus)
-            # The engine generates its context prefixes from the weights at its first batch; made
-            # here, at base, they never depend on the edit history, so a worker that materialises
-            # a checkpoint continues exactly as the worker that made it.
-            editor.contexts = generate_contexts(self.model, self.tokenizer, config.n_prefixes, config.prefix_tokens,
-                                                config.seed)
-            self._editors[key] = editor
+            # The engine generates its context prefixes from the base weights, so a worker that
+            # materialises a checkpoint continues exactly as the worker that made it.
+            self._editors[key] = Editor(self.model, self.tokenizer, config, self.cache_dir, self.corpus)
         return self._editors[key]
 
     def _reset(self) -> None:

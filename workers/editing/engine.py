@@ -184,7 +184,9 @@ class Editor:
         projectors = self.projectors(progress) if alphaedit else None
         stats = None if alphaedit else self.statistics(progress)
         if self.contexts is None:
-            self.contexts = generate_contexts(model, tok, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+            # From the base weights, so any replica rebuilding a checkpoint gets the same ones.
+            with self._base_weights():
+                self.contexts = generate_contexts(model, tok, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
         timings["stats_seconds"] = time.perf_counter() - t
 
         snapshot = {i: adapter.weight(model, i).detach().clone() for i in cfg.layers}

@@ -62,6 +62,10 @@ class EditValidationError(ValueError):
         self.violations = list(violations)
         super().__init__("; ".join(str(v) for v in self.violations))
 
+    def __reduce__(self):
+        # Survive pickling (Ray, multiprocessing) with the violations intact.
+        return (EditValidationError, (self.violations,))
+
 
 def _text(record: Mapping[str, Any], key: str, index: int, violations: list[FieldViolation], rid: str,
           required: bool = True) -> str | None:

@@ -27,8 +27,6 @@ class FamilyAdapter:
         post_norm: dotted path, inside one layer, of a norm applied to the projection output
             before the residual add, or None. Gemma 3's ``post_feedforward_layernorm``.
         final_norm: dotted path of the norm before the LM head.
-        post_norm_offset: the post norm scales by ``weight + offset`` (Gemma stores ``w`` and
-            scales by ``1 + w``).
     """
 
     family: str
@@ -38,7 +36,6 @@ class FamilyAdapter:
     transposed: bool
     post_norm: str | None
     final_norm: str
-    post_norm_offset: float = 0.0
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -58,19 +55,28 @@ class FamilyAdapter:
     def post_norm_module(self, model: nn.Module, index: int) -> nn.Module | None:
         return None if self.post_norm is None else self.layer(model, index).get_submodule(self.post_norm)
 
-    def invert_post_norm(self, norm: nn.Module, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """A projection output whose normed value is ``target``, at the scale of ``reference``.
+    def invert_post_norm(self, norm: nn.Module, target: torch.Tensor, reference: torch.Tensor,
+                         max_iter: int = 100) -> torch.Tensor:
+        """A projection output whose normed value is as close as possible to ``target``.
 
-        An RMS norm forgets its input's scale, so the inverse is defined up to scale; keeping the
-        current output's scale makes the implied weight change as small as the target allows.
-        Dimensions the norm zeroes out (gain ~0, as some of Gemma 3's are) cannot be steered:
-        there the reference value is kept rather than dividing by zero.
+        Solved numerically (L-BFGS on ||norm(x) - target||^2, starting from ``reference``, the
+        current output): a closed-form inverse divides by the norm's gain, which is ~0 in some of
+        Gemma 3's dimensions, and the target need not lie on the norm's output manifold at all
+        (earlier layers' edits move the residual in ways an RMS-normed output cannot follow).
         """
-        gain = norm.weight.float() + self.post_norm_offset
-        scale = reference.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
-        live = gain.abs() > 1e-3 * gain.abs().median()
-        unit = torch.where(live, target / torch.where(live, gain, torch.ones_like(gain)), reference / scale)
-        return unit * scale
+        x = reference.detach().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = (norm(x) - target).pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return x.detach()
 
     def final_norm_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm)
@@ -98,7 +104,6 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         family="gemma3",
         model_types=("gemma3_text", "gemma3"),
         post_norm="post_feedforward_layernorm",
-        post_norm_offset=1.0,
         **_LLAMA_LIKE,
     ),
     FamilyAdapter(
