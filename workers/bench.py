@@ -120,12 +120,12 @@ def run(args) -> dict[str, Any]:
     for b, batch in enumerate(batches):
         requests = [c.request for c in batch]
         if args.compare_loop and b == 0:
-            editor.contexts = editor.contexts or _contexts(editor)
+            contexts = editor.context_templates()
             t = time.perf_counter()
-            optimise_targets(model, tok, editor.adapter, requests, editor.contexts, editor.config)
+            optimise_targets(model, tok, editor.adapter, requests, contexts, editor.config)
             batched = time.perf_counter() - t
             t = time.perf_counter()
-            optimise_targets_loop(model, tok, editor.adapter, requests, editor.contexts, editor.config)
+            optimise_targets_loop(model, tok, editor.adapter, requests, contexts, editor.config)
             timing["loop_targets_seconds"] = time.perf_counter() - t
             timing["batched_targets_seconds"] = batched
             timing["batched_speedup"] = timing["loop_targets_seconds"] / batched
@@ -160,13 +160,6 @@ def run(args) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def _contexts(editor) -> list[str]:
-    from editfleet.workers.editing.contexts import generate_contexts
-
-    cfg = editor.config
-    return generate_contexts(editor.model, editor.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -172,6 +172,15 @@ class Editor:
                 self._projectors[i], self.projector_info[i] = p, info
         return self._projectors
 
+    def context_templates(self) -> list[str]:
+        """The context prefixes, generated once from the base weights (so any replica rebuilding
+        a checkpoint gets the same ones) and then kept in the editing state."""
+        if self.contexts is None:
+            cfg = self.config
+            with self._base_weights():
+                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+        return self.contexts
+
     # -- editing --------------------------------------------------------------------------------
 
     def apply(self, records: Sequence[EditRequest | Mapping[str, Any]], progress: Progress | None = None) -> BatchResult:
@@ -183,10 +192,7 @@ class Editor:
         alphaedit = cfg.method == "alphaedit"
         projectors = self.projectors(progress) if alphaedit else None
         stats = None if alphaedit else self.statistics(progress)
-        if self.contexts is None:
-            # From the base weights, so any replica rebuilding a checkpoint gets the same ones.
-            with self._base_weights():
-                self.contexts = generate_contexts(model, tok, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+        self.context_templates()
         timings["stats_seconds"] = time.perf_counter() - t
 
         snapshot = {i: adapter.weight(model, i).detach().clone() for i in cfg.layers}
