@@ -52,7 +52,7 @@ def _config(parts, store: str, **overrides) -> SchedulerConfig:
 def service(ray_runtime, parts):
     scheduler = Scheduler(_config(parts, "store"))
     scheduler.start()
-    with EditClient(scheduler.address) as client:
+    with EditClient(scheduler.address, timeout=600) as client:
         yield scheduler, client
     scheduler.stop()
 
@@ -120,7 +120,7 @@ def test_restart_runs_queued_jobs_once_coalesced_in_order(ray_runtime, parts):
     config = _config(parts, "restart-store", dispatch=False)
     first = Scheduler(config)
     first.start()
-    with EditClient(first.address) as client:
+    with EditClient(first.address, timeout=600) as client:
         j1 = client.submit("llama", [EIFFEL])
         j2 = client.submit("llama", [LOUVRE])
         j3 = client.submit("llama", [GOLD], method="memit")
@@ -135,7 +135,7 @@ def test_restart_runs_queued_jobs_once_coalesced_in_order(ray_runtime, parts):
     second = Scheduler(_config(parts, "restart-store"))
     second.start()
     try:
-        with EditClient(second.address) as client:
+        with EditClient(second.address, timeout=600) as client:
             j1, j2, j3, j4, j5 = (client.wait(j, timeout=300) for j in (j1, j2, j3, j4, j5))
             head = client.model("llama").head
             checkpoints = client.checkpoints("llama")
