@@ -73,16 +73,38 @@ class LayerRunner:
         if self.hidden_in is None:
             raise RuntimeError("the recording pass did not reach the start layer")
 
-    def run(self, end: int | None = None, hidden: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
-        """Hidden state output by layer ``end`` (default: the recorded stop), from ``start``'s input."""
+    def run(self, end: int | None = None, hidden: torch.Tensor | None = None, start: int | None = None,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state output by layer ``end`` (default: the recorded stop), from ``start``'s input.
+
+        ``rows``: replay only these rows of the batch (their masks and position inputs are taken
+        from the recording), e.g. the rows of requests still being optimised.
+        """
         start = self.start if start is None else start
         end = self.stop if end is None else end
         h = self.hidden_in if hidden is None else hidden
+        if rows is not None:
+            h = h[rows]
         for j in range(start, end + 1):
             as_kw, rest, kw = self.calls[j]
+            if rows is not None:
+                rest, kw = _take(rest, rows, self.hidden_in.shape[0]), _take(kw, rows, self.hidden_in.shape[0])
             out = self.layers[j](*rest, hidden_states=h, **kw) if as_kw else self.layers[j](h, *rest, **kw)
             h = out[0] if isinstance(out, tuple) else out
         return h
+
+
+def _take(value, rows: torch.Tensor, batch: int):
+    """``value`` with every per-row tensor (at least 2-D, first dimension = batch) cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_take(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [_take(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _take(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 @contextmanager

@@ -79,11 +79,11 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
 
     shift = torch.zeros(n, value0.shape[-1], requires_grad=True)
     opt = torch.optim.Adam([shift], lr=config.v_lr)
-    row_index = torch.arange(rows.size)
-    positions = rows.subject_pos
+    live_rows = torch.arange(rows.size)  # rows replayed at this step: those of unconverged requests
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
-        return out.index_put((row_index, positions), out[row_index, positions] + shift[rows.owner])
+        at = (torch.arange(len(live_rows)), rows.subject_pos[live_rows])
+        return out.index_put(at, out[at] + shift[rows.owner[live_rows]])
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
     position_owner = rows.owner[rows.loss_row]
@@ -93,17 +93,21 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     token_nll = torch.zeros(len(rows.loss_row))
     kl_each = torch.zeros(n)
     for step in range(config.v_max_steps):
+        # Only the rows of requests still optimising are replayed, and the LM head (the dominant
+        # cost with a large vocabulary) runs only at their positions: a converged request's shift,
+        # and so its loss, is frozen.
+        live_rows = torch.nonzero(active[rows.owner]).flatten()
+        in_live = torch.full((rows.size,), -1, dtype=torch.long)
+        in_live[live_rows] = torch.arange(len(live_rows))
         with add_at_projection(model, adapter, layer, add_shift):
-            h = final_norm(runner.run())
-        # The LM head (the dominant cost with a large vocabulary) runs only at the positions of
-        # requests still optimising; a converged request's shift, and so its loss, is frozen.
+            h = final_norm(runner.run(rows=live_rows))
         at = torch.nonzero(active[position_owner]).flatten()
-        logp = head_logits(model, h[rows.loss_row[at], rows.loss_col[at]]).log_softmax(-1)
+        logp = head_logits(model, h[in_live[rows.loss_row[at]], rows.loss_col[at]]).log_softmax(-1)
         token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
         row_nll = torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row
         nll = row_nll.view(n, n_ctx).mean(1)
         live = torch.nonzero(active).flatten()
-        kl_logp = head_logits(model, h[kl_rows[live], rows.last_pos[kl_rows[live]]]).log_softmax(-1)
+        kl_logp = head_logits(model, h[in_live[kl_rows[live]], rows.last_pos[kl_rows[live]]]).log_softmax(-1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_each = kl_each.detach().index_put((live,), F.kl_div(kl_logp, kl_init[live], log_target=True,
@@ -128,6 +132,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             over = norms > limit
             shift[over] *= (limit[over] / norms[over])[:, None]
 
+    live_rows = torch.arange(rows.size)
     with torch.no_grad(), add_at_projection(model, adapter, layer, add_shift):
         z = runner.run(end=layer)[bare, rows.subject_pos[bare]]
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
