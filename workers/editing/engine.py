@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editfleet.workers.editing import ENGINE_VERSION
-from editfleet.workers.editing.batching import target_ids
+from editfleet.workers.editing.batching import Rows, target_ids
 from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
@@ -201,8 +201,13 @@ class Editor:
             targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
             timings["targets_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            deltas, start_values = self._update(requests, targets.z, projectors, stats, progress)
-            keys, end_values = self._keys(requests, cfg.layers)
+            # One recording pass serves the per-layer updates and the final keys: the layers below
+            # the first edited one never change, so their output is replayed from a cache.
+            rows = context_rows(tok, requests, self.contexts)
+            runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=cfg.layers[0],
+                                 stop=cfg.layers[-1])
+            deltas, start_values = self._update(rows, runner, targets.z, projectors, stats, progress)
+            keys, end_values = self._keys(rows, runner)
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
             self._set_weights(snapshot)
@@ -216,17 +221,13 @@ class Editor:
                                       / (start_values - targets.z).norm(dim=-1).clamp_min(1e-12)).tolist(),
                            timings=timings)
 
-    def _update(self, requests: list[EditRequest], z: torch.Tensor, projectors: dict | None,
+    def _update(self, rows: Rows, runner: LayerRunner, z: torch.Tensor, projectors: dict | None,
                 stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
         the remaining layers, mapped to this projection's output and solved for. Returns the
         factors and the last layer's values before the first update."""
         cfg, model, adapter = self.config, self.model, self.adapter
-        last = cfg.layers[-1]
-        rows = context_rows(self.tokenizer, requests, self.contexts)
-        n_ctx = len(self.contexts)
-        bare = torch.arange(0, rows.size, n_ctx)
-        runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=cfg.layers[0], stop=last)
+        bare = torch.arange(0, rows.size, len(self.contexts))
         dtype = torch.float64 if cfg.solve_dtype == "float64" else torch.float32
         deltas: LowRank = {}
         for i, layer in enumerate(cfg.layers):
@@ -257,20 +258,17 @@ class Editor:
                 progress("layer", i + 1, len(cfg.layers))
         return deltas, start
 
-    def _keys(self, requests: list[EditRequest], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def _keys(self, rows: Rows, runner: LayerRunner) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Keys of the batch at every edited layer on the current (edited) model, (d_ff, n) each,
         and the last edited layer's values at the subjects (bare prompt)."""
-        rows = context_rows(self.tokenizer, requests, self.contexts)
-        with capture_projection(self.model, self.adapter, list(layers)) as seen:
-            runner = LayerRunner(self.model, self.adapter, rows.input_ids, rows.attention_mask, start=layers[-1],
-                                 stop=max(layers))
-        with torch.no_grad():
+        layers = list(self.config.layers)
+        with capture_projection(self.model, self.adapter, layers) as seen, torch.no_grad():
             h = runner.run()
         bare = torch.arange(0, rows.size, len(self.contexts))
         return {i: self._mean_keys(seen["in"][i], rows) for i in layers}, h[bare, rows.subject_pos[bare]]
 
     @staticmethod
-    def _mean_keys(inputs: torch.Tensor, rows) -> torch.Tensor:
+    def _mean_keys(inputs: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Keys at the subject's last token, averaged over each request's contexts: (d_ff, n)."""
         at = inputs[torch.arange(rows.size), rows.subject_pos].to(torch.float32)
         n = int(rows.owner.max()) + 1
