@@ -19,8 +19,10 @@ REQUESTS = [
 
 # Settings for tiny random models: their hidden states are small, so the reference's weight
 # decay (relative to ||h||^2) would pin the shift to zero; a larger clamp lets targets move.
+# float32 targets: the equality tests compare runs whose bfloat16 roundings could differ.
 TINY = dict(v_max_steps=30, v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3, n_prefixes=2,
-            prefix_tokens=5, stats_tokens=256, stats_max_length=64, nullspace_energy=1e-6, alpha=1.0)
+            prefix_tokens=5, stats_tokens=256, stats_max_length=64, nullspace_energy=1e-6, alpha=1.0,
+            target_dtype="float32")
 
 
 def write_corpus(path: Path, sentences: int = 400, seed: int = 0) -> Path:

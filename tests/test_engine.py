@@ -13,7 +13,7 @@ import torch
 from editfleet.workers.editing.config import default_config
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
-from editfleet.workers.editing.runner import LayerRunner, capture_projection
+from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
 from editfleet.workers.editing.statistics import token_sequences
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
@@ -81,7 +81,22 @@ def test_alphaedit_preserves_statistics_keys_and_reaches_targets(tmp_path, corpu
     # test checks that edits take).
     nll_after = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
     assert sum(nll_after) < sum(nll_before) - 0.1, (nll_before, nll_after)
-    assert all(u.shape[1] == len(REQUESTS) and v.shape[1] == len(REQUESTS) for u, v in result.deltas.values())
+    rank = editor.config.update_rounds * len(REQUESTS)  # one column block per update pass
+    assert all(u.shape[1] == rank and v.shape[1] == rank for u, v in result.deltas.values())
+
+
+@pytest.mark.parametrize("key_contexts", ["mean", "each"])
+def test_more_update_rounds_close_more_of_the_value_gap(tmp_path, corpus, key_contexts):
+    """Each pass over the layers solves for what the previous passes left; preserved keys stay put."""
+    gaps = {}
+    for rounds in (1, 3):
+        editor = make_editor(tmp_path, corpus, "gemma3", update_rounds=rounds, key_contexts=key_contexts)
+        keys = preserved_keys(editor, corpus)
+        before = projection_weights(editor)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        gaps[rounds] = sum(editor.apply(REQUESTS).value_gap) / len(REQUESTS)
+        assert relative_output_change(editor, keys, before) <= 1e-4
+    assert gaps[3] < 0.5 * gaps[1], gaps
 
 
 def test_memit_moves_preserved_outputs(tmp_path, corpus):
@@ -103,6 +118,32 @@ def test_batched_targets_equal_per_request_loop(family):
     torch.testing.assert_close(batched.shift, loop.shift, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batched.z, loop.z, rtol=1e-4, atol=1e-5)
     assert max(abs(a - b) for a, b in zip(batched.nll, loop.nll)) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bfloat16_targets_report_float32_probabilities(family):
+    """Steps under bfloat16 autocast reach the targets, and the NLL reported for the shift they
+    found is what the float32 model gives with that shift (not the bfloat16 estimate)."""
+    model, tok = tiny_model(family, seed=1, initializer_range=0.1)
+    config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 12})
+    contexts = ["{}"]
+    adapter = _adapter(model)
+    low = optimise_targets(model, tok, adapter, REQUESTS, contexts, config.replace(target_dtype="bfloat16"))
+    full = optimise_targets(model, tok, adapter, REQUESTS, contexts, config)
+    before = sum(target_nll(model, tok, r.text, r.target_new) for r in REQUESTS)
+    assert before - sum(full.nll) > 0.1 and before - sum(low.nll) > 0.5 * (before - sum(full.nll))
+    assert max(abs(a - b) for a, b in zip(low.nll, full.nll)) < 0.2  # the same optimisation, other rounding
+    layer = config.layers[-1]
+    for i, req in enumerate(REQUESTS):
+        pos = context_rows(tok, [req], contexts).subject_pos[0]
+
+        def shift(out, i=i, pos=pos):
+            out = out.clone()
+            out[0, pos] += low.shift[i]
+            return out
+
+        with add_at_projection(model, adapter, layer, shift):
+            assert target_nll(model, tok, req.text, req.target_new) == pytest.approx(low.nll[i], rel=1e-4, abs=1e-5)
 
 
 def test_converged_requests_freeze_while_others_continue():

@@ -115,7 +115,7 @@ def run(args) -> dict[str, Any]:
     t = time.perf_counter()
     editor.projectors() if args.method == "alphaedit" else editor.statistics()
     timing["stats_seconds"] = time.perf_counter() - t
-    probs, steps = [], []
+    probs, steps, gaps = [], [], []
     batches = [cases[i:i + args.batch] for i in range(0, len(cases), args.batch)]
     for b, batch in enumerate(batches):
         requests = [c.request for c in batch]
@@ -137,6 +137,7 @@ def run(args) -> dict[str, Any]:
         timing["stats_seconds"] += result.timings["stats_seconds"]
         probs += result.target_prob
         steps += result.target_steps
+        gaps += result.value_gap
         print(f"[bench] batch {b + 1}/{len(batches)}: targets {result.timings['targets_seconds']:.1f}s, "
               f"update {result.timings['update_seconds']:.1f}s, mean target p {sum(result.target_prob) / len(batch):.3f}",
               file=sys.stderr)
@@ -156,7 +157,8 @@ def run(args) -> dict[str, Any]:
         "config": editor.config.to_dict(),
         "projectors": {str(i): v for i, v in editor.projector_info.items()},
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
-                    "converged": sum(p >= 0.95 for p in probs) / len(probs)},
+                    "converged": sum(p >= 0.95 for p in probs) / len(probs),
+                    "mean_value_gap": sum(gaps) / len(gaps)},
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -34,6 +34,7 @@ from editfleet.workers.editing import ENGINE_VERSION
 from editfleet.workers.editing.config import EditConfig, default_config
 from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests
+from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import head_logits
@@ -85,8 +86,10 @@ class EditWorker:
     # -- settings and editors -----------------------------------------------------------------
 
     def resolve_config(self, method: str = "alphaedit", options: Mapping[str, Any] | None = None) -> EditConfig:
-        """The family defaults for ``method``, then the worker's overrides, then the job's options."""
-        return default_config(self.adapter.family, method, self.num_layers, **{**self.engine_overrides, **(options or {})})
+        """The family defaults for ``method``, then the worker's overrides, then the job's options
+        (``target_dtype='auto'`` resolved for this worker's device, so checkpoints say what ran)."""
+        config = default_config(self.adapter.family, method, self.num_layers, **{**self.engine_overrides, **(options or {})})
+        return resolve_target_dtype(config, next(self.model.parameters()).device)
 
     def _editor(self, config: EditConfig) -> Editor:
         """The editor for ``config``; a new one is made at base so that it keeps base copies."""

@@ -30,12 +30,24 @@ class EditConfig:
         nullspace_energy: relative alternative: keep the smallest directions whose eigenvalues sum
             to at most this fraction of the trace. Used instead of ``nullspace_threshold`` when set.
         alpha: ridge term of the AlphaEdit solve (released code: 10).
+        update_rounds: passes of the per-layer update over the edited layers; each pass solves
+            for the residual the previous ones left (a first pass leaves 5-10% of the distance to
+            the target value on Gemma 3, and its target probabilities fall off a cliff within
+            that margin; see docs/benchmarks.md). The deltas' rank grows with the passes.
+        key_contexts: ``mean``: one key per request, averaged over its contexts (the reference);
+            ``each``: one key per (request, context), all asked for the same shift, so the update
+            realises the target in every context rather than for their average key.
         mom2_update_weight: MEMIT's weight on the preserved second moment.
         sequential_memory: accumulate the keys of earlier batches (K_p) into the solve.
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).
         solve_dtype: ``float32`` or ``float64`` for the linear solve.
+        target_dtype: precision of the target optimisation's forward/backward passes: ``bfloat16``
+            (autocast; for GPUs), ``float32``,
+            or ``auto`` (bfloat16 on GPUs that have it, else float32; the editor
+            stores the resolved value). The final target values and their reported probabilities
+            are always computed in float32, as are statistics, keys and the update.
         seed: seeds prefix generation and anything else random.
     """
 
@@ -52,12 +64,15 @@ class EditConfig:
     nullspace_threshold: float = 2e-2
     nullspace_energy: float | None = None
     alpha: float = 10.0
+    key_contexts: Literal["mean", "each"] = "mean"
+    update_rounds: int = 3
     mom2_update_weight: float = 15000.0
     sequential_memory: bool = True
     stats_tokens: int = 100_000
     stats_max_length: int = 256
     stats_batch_size: int = 8
     solve_dtype: Literal["float32", "float64"] = "float32"
+    target_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,9 +82,13 @@ class EditConfig:
             raise ValueError(f"layers must be non-empty, increasing and unique, got {self.layers!r}")
         if self.solve_dtype not in ("float32", "float64"):
             raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
+        if self.key_contexts not in ("mean", "each"):
+            raise ValueError(f"key_contexts must be mean or each, got {self.key_contexts!r}")
+        if self.target_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
-        for name in ("v_lr", "v_max_steps", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
+        for name in ("v_lr", "v_max_steps", "update_rounds", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

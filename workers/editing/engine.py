@@ -27,7 +27,7 @@ from editfleet.workers.editing.requests import (EditRequest, EditValidationError
 from editfleet.workers.editing.runner import LayerRunner, capture_projection
 from editfleet.workers.editing.statistics import (LayerStats, StatsCache, compute_second_moments,
                                                   file_digest, params_digest)
-from editfleet.workers.editing.targets import context_rows, optimise_targets
+from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 
@@ -39,8 +39,9 @@ LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]
 class BatchResult:
     """What one applied batch changed: enough to replay it onto the base model."""
 
-    deltas: LowRank                  # layer -> (U (d_model, n), V (d_ff, n)); weight += U @ V.T
-    keys: dict[int, torch.Tensor]    # layer -> (d_ff, n) keys on the edited model (added to K_p)
+    deltas: LowRank                  # layer -> (U (d_model, m), V (d_ff, m)); weight += U @ V.T
+    keys: dict[int, torch.Tensor]    # layer -> (d_ff, m) keys on the edited model (added to K_p);
+                                     # m = requests, or requests x contexts (key_contexts="each")
     target_prob: list[float]         # per request, target probability reached by the optimisation
     target_steps: list[int]          # per request, optimisation steps taken
     value_gap: list[float]           # per request, ||h - z|| / ||h0 - z|| at the last edited layer after
@@ -72,7 +73,8 @@ class Editor:
 
     def __init__(self, model: nn.Module, tokenizer, config: EditConfig, cache_dir: str | Path,
                  corpus: Sequence[str | Path] | None = None):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        device = next(model.parameters()).device
+        self.model, self.tokenizer, self.config = model, tokenizer, resolve_target_dtype(config, device)
         self.adapter: FamilyAdapter = adapter_for(model)
         n_layers = self.adapter.num_layers(model)
         bad = [i for i in config.layers if not 0 <= i < n_layers]
@@ -224,23 +226,31 @@ class Editor:
     def _update(self, rows: Rows, runner: LayerRunner, z: torch.Tensor, projectors: dict | None,
                 stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
-        the remaining layers, mapped to this projection's output and solved for. Returns the
-        factors and the last layer's values before the first update."""
+        the remaining layers, mapped to this projection's output and solved for; repeated for
+        ``update_rounds`` passes over the layers (each pass solves for what the previous ones left).
+        Returns the factors (one column block per pass) and the last layer's values before the
+        first update."""
         cfg, model, adapter = self.config, self.model, self.adapter
         bare = torch.arange(0, rows.size, len(self.contexts))
+        # One column per key: per request, or per (request, context) with the same shift.
+        at = bare if cfg.key_contexts == "mean" else torch.arange(rows.size)
         dtype = torch.float64 if cfg.solve_dtype == "float64" else torch.float32
-        deltas: LowRank = {}
-        for i, layer in enumerate(cfg.layers):
+        factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in cfg.layers}
+        start = None
+        steps = cfg.update_rounds * len(cfg.layers)
+        for step in range(steps):
+            i = step % len(cfg.layers)
+            layer = cfg.layers[i]
             with capture_projection(model, adapter, [layer], outputs=True) as seen, torch.no_grad():
                 h = runner.run()
-            keys = self._mean_keys(seen["in"][layer], rows)
+            keys = self._batch_keys(seen["in"][layer], rows)
             h_now = h[bare, rows.subject_pos[bare]]
-            if i == 0:
+            if start is None:
                 start = h_now
-            r = (z - h_now) / (len(cfg.layers) - i)
+            r = ((z - h_now) / (len(cfg.layers) - i))[rows.owner[at]]
             norm = adapter.post_norm_module(model, layer)
             if norm is not None:
-                value = seen["out"][layer][bare, rows.subject_pos[bare]]
+                value = seen["out"][layer][at, rows.subject_pos[at]]
                 with torch.no_grad():
                     r = adapter.invert_post_norm(norm, norm(value) + r, value) - value
             u, v = solve_update(
@@ -253,24 +263,28 @@ class Editor:
             if not torch.isfinite(delta).all():
                 raise FloatingPointError(f"the update of layer {layer} is not finite; nothing was applied")
             adapter.add_delta(model, layer, delta)
-            deltas[layer] = (u, v)
+            factors[layer].append((u, v))
             if progress:
-                progress("layer", i + 1, len(cfg.layers))
+                progress("layer", step + 1, steps)
+        deltas = {layer: (torch.cat([u for u, _ in fs], 1), torch.cat([v for _, v in fs], 1))
+                  for layer, fs in factors.items()}
         return deltas, start
 
     def _keys(self, rows: Rows, runner: LayerRunner) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, n) each,
+        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, m) each,
         and the last edited layer's values at the subjects (bare prompt)."""
         layers = list(self.config.layers)
         with capture_projection(self.model, self.adapter, layers) as seen, torch.no_grad():
             h = runner.run()
         bare = torch.arange(0, rows.size, len(self.contexts))
-        return {i: self._mean_keys(seen["in"][i], rows) for i in layers}, h[bare, rows.subject_pos[bare]]
+        return {i: self._batch_keys(seen["in"][i], rows) for i in layers}, h[bare, rows.subject_pos[bare]]
 
-    @staticmethod
-    def _mean_keys(inputs: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Keys at the subject's last token, averaged over each request's contexts: (d_ff, n)."""
+    def _batch_keys(self, inputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Keys at the subject's last token, averaged over each request's contexts, (d_ff, n),
+        or one per row, (d_ff, rows), as ``key_contexts`` says."""
         at = inputs[torch.arange(rows.size), rows.subject_pos].to(torch.float32)
+        if self.config.key_contexts == "each":
+            return at.T.contiguous()
         n = int(rows.owner.max()) + 1
         total = torch.zeros(n, at.shape[1]).index_add(0, rows.owner, at)
         return (total / torch.bincount(rows.owner, minlength=n)[:, None]).T.contiguous()

@@ -58,7 +58,7 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
         elif "lm_head" in name or name.startswith(adapter.final_norm):
             continue
         h.update(name.encode())
-        h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(p.detach().to(torch.float32).contiguous().numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 

@@ -6,6 +6,10 @@ below the last edited layer is constant during the optimisation, so it is comput
 head is applied only at the positions the loss reads. Requests are independent (each has its
 own shift, loss and Adam moments, which are elementwise), so the batched result equals the
 per-request loop; a request that has converged is frozen while the others go on.
+
+The optimisation steps may run under bfloat16 autocast (``EditConfig.target_dtype``): on CPUs
+with AMX and on GPUs its matrix products are several times faster, and the shift it finds is then
+checked in float32: the target values ``z`` and the reported NLLs come from a float32 pass.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import head_logits
 
 KL_PROMPT = "{} is a"
+
+
+def native_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 matrix products run natively (fast) on ``device``."""
+    device = torch.device(device)
+    # CPUs are left out even with AMX: on the development machine (docs/benchmarks.md) the steps
+    # were only ~10% faster (elementwise work dominates at these sizes) and the shifts reached
+    # lower float32 target probabilities.
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_target_dtype(config: EditConfig, device: torch.device | str) -> EditConfig:
+    """``config`` with ``target_dtype='auto'`` replaced by what ``device`` runs fast."""
+    if config.target_dtype != "auto":
+        return config
+    return config.replace(target_dtype="bfloat16" if native_bfloat16(device) else "float32")
 
 
 @dataclass
@@ -80,10 +100,14 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     shift = torch.zeros(n, value0.shape[-1], requires_grad=True)
     opt = torch.optim.Adam([shift], lr=config.v_lr)
     live_rows = torch.arange(rows.size)  # rows replayed at this step: those of unconverged requests
+    device = rows.input_ids.device
+    low = resolve_target_dtype(config, device).target_dtype == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
+    head_weight = model.get_output_embeddings().weight.to(torch.bfloat16) if low else None
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
         at = (torch.arange(len(live_rows)), rows.subject_pos[live_rows])
-        return out.index_put(at, out[at] + shift[rows.owner[live_rows]])
+        return out.index_put(at, (out[at] + shift[rows.owner[live_rows]]).to(out.dtype))
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
     position_owner = rows.owner[rows.loss_row]
@@ -99,15 +123,18 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         live_rows = torch.nonzero(active[rows.owner]).flatten()
         in_live = torch.full((rows.size,), -1, dtype=torch.long)
         in_live[live_rows] = torch.arange(len(live_rows))
-        with add_at_projection(model, adapter, layer, add_shift):
-            h = final_norm(runner.run(rows=live_rows))
         at = torch.nonzero(active[position_owner]).flatten()
-        logp = head_logits(model, h[in_live[rows.loss_row[at]], rows.loss_col[at]]).log_softmax(-1)
+        live = torch.nonzero(active).flatten()
+        with autocast, add_at_projection(model, adapter, layer, add_shift):
+            h = final_norm(runner.run(rows=live_rows))
+            # One LM-head call for the target positions and the KL positions.
+            read = torch.cat([h[in_live[rows.loss_row[at]], rows.loss_col[at]],
+                              h[in_live[kl_rows[live]], rows.last_pos[kl_rows[live]]]])
+            logp_all = head_logits(model, read, head_weight).log_softmax(-1)
+        logp, kl_logp = logp_all[: len(at)], logp_all[len(at):]
         token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
         row_nll = torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row
         nll = row_nll.view(n, n_ctx).mean(1)
-        live = torch.nonzero(active).flatten()
-        kl_logp = head_logits(model, h[in_live[kl_rows[live]], rows.last_pos[kl_rows[live]]]).log_softmax(-1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_each = kl_each.detach().index_put((live,), F.kl_div(kl_logp, kl_init[live], log_target=True,
@@ -134,7 +161,13 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
 
     live_rows = torch.arange(rows.size)
     with torch.no_grad(), add_at_projection(model, adapter, layer, add_shift):
-        z = runner.run(end=layer)[bare, rows.subject_pos[bare]]
+        h = runner.run(end=layer)
+        z = h[bare, rows.subject_pos[bare]]
+        if low:  # what the shift achieves in float32
+            h = final_norm(runner.run(start=layer + 1, hidden=h))
+            logp = head_logits(model, h[rows.loss_row, rows.loss_col]).log_softmax(-1)
+            token_nll = -logp.gather(1, rows.loss_label[:, None]).squeeze(1)
+            nll = (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
 
 

@@ -17,9 +17,18 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits for already-normed hidden states of any leading shape (float32)."""
-    logits = model.get_output_embeddings()(hidden).float()
+def head_logits(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """LM-head logits for already-normed hidden states of any leading shape (float32).
+
+    ``weight``: the head matrix in another precision (e.g. a bfloat16 copy made once, instead of
+    autocast re-casting a large vocabulary's matrix at every call).
+    """
+    head = model.get_output_embeddings()
+    if weight is None:
+        logits = head(hidden).float()
+    else:
+        bias = None if head.bias is None else head.bias.to(weight.dtype)
+        logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
