@@ -14,7 +14,7 @@ from editfleet.workers.editing.config import default_config
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
 from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
-from editfleet.workers.editing.statistics import token_sequences
+from editfleet.workers.editing.statistics import params_digest, token_sequences
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
 from engine_support import REQUESTS, TINY, projection_weights, target_nll, write_corpus
@@ -270,6 +270,27 @@ def test_statistics_are_cached_and_reused(tmp_path, corpus):
     third = make_editor(tmp_path, other)
     third.projectors(lambda s, c, t: stages.append(s))
     assert "statistics" in stages
+
+
+def test_weights_digest_follows_in_place_changes():
+    """The remembered per-tensor digests must not outlive a change of the weights."""
+    model, _ = tiny_model("llama", seed=0)
+    adapter = _adapter(model)
+    digest = lambda: params_digest(model, adapter, 1, {})  # noqa: E731
+    first = digest()
+    assert digest() == first
+    below, above = model.model.layers[0].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight
+    saved = below.detach().clone()
+    with torch.no_grad():
+        above.add_(1.0)  # above the layers the keys depend on: same digest
+        assert digest() == first
+        below.add_(1.0)
+        changed = digest()
+        assert changed != first
+        below.copy_(saved)
+    assert digest() == first
+    below.data = below.data * 2  # a swapped storage, as sharding libraries do
+    assert digest() not in (first, changed)
 
 
 def test_statistics_ignore_edits_made_before_they_are_computed(tmp_path, corpus):

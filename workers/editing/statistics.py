@@ -14,6 +14,8 @@ import os
 import sys
 import tempfile
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -39,15 +41,33 @@ def file_digest(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+_TENSOR_DIGESTS: dict[int, tuple[weakref.ref, tuple, bytes]] = {}  # id -> (tensor, state, sha256)
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """sha256 of a tensor's float32 bytes, remembered until the tensor changes (torch bumps
+    ``_version`` on every in-place write; swapping ``.data`` moves the storage), so a warm worker
+    hashes a model once."""
+    state = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+    seen = _TENSOR_DIGESTS.get(id(t))
+    if seen is not None and seen[0]() is t and seen[1] == state:
+        return seen[2]
+    digest = hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy()).digest()  # in place, no copy
+    key = id(t)
+    _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), state, digest)
+    return digest
+
+
 def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
                   base_weights: dict[int, torch.Tensor]) -> str:
     """Digest of the base parameters that keys up to ``upto_layer`` depend on.
 
     Edited projections are hashed from their kept base copies, so the digest (and the cache key)
-    of an edited model is that of its base.
+    of an edited model is that of its base. Parameters are hashed one by one on a thread pool
+    (hashlib releases the GIL), largest first.
     """
-    h = hashlib.sha256()
     prefix = adapter.layers + "."
+    named = []
     for name, p in model.named_parameters():
         if name.startswith(prefix):
             index = int(name[len(prefix):].split(".", 1)[0])
@@ -57,8 +77,14 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
                 p = base_weights[index]
         elif "lm_head" in name or name.startswith(adapter.final_norm):
             continue
+        named.append((name, p))
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        order = sorted(range(len(named)), key=lambda i: -named[i][1].numel())
+        digests = dict(zip(order, pool.map(lambda i: tensor_digest(named[i][1]), order)))
+    h = hashlib.sha256()
+    for i, (name, _) in enumerate(named):
         h.update(name.encode())
-        h.update(p.detach().to(torch.float32).contiguous().numpy())  # hashed in place, no copy
+        h.update(digests[i])
     return h.hexdigest()
 
 
