@@ -7,9 +7,9 @@ head is applied only at the positions the loss reads. Requests are independent (
 own shift, loss and Adam moments, which are elementwise), so the batched result equals the
 per-request loop; a request that has converged is frozen while the others go on.
 
-The optimisation steps may run under bfloat16 autocast (``EditConfig.target_dtype``): on CPUs
-with AMX and on GPUs its matrix products are several times faster, and the shift it finds is then
-checked in float32: the target values ``z`` and the reported NLLs come from a float32 pass.
+The optimisation steps may run under bfloat16 autocast (``EditConfig.target_dtype``, by default
+on GPUs only); the shift found is then checked in float32: the target values ``z`` and the
+reported NLLs always come from a float32 pass.
 """
 
 from __future__ import annotations
