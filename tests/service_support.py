@@ -11,7 +11,9 @@ from editfleet.scheduler.bench_dispatch import synthetic_corpus as write_corpus 
 # statistics tokens than key dimensions (192) leave a null space for AlphaEdit to work in.
 FAST_ENGINE = {"v_max_steps": 20, "v_lr": 0.5, "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3,
                "nullspace_energy": 1e-6, "alpha": 1.0, "stats_tokens": 128, "stats_max_length": 64,
-               "n_prefixes": 2, "prefix_tokens": 4, "layers": [2, 3]}
+               "n_prefixes": 2, "prefix_tokens": 4, "layers": [2, 3], "update_rounds": 2}
+# The worker reports one "layer" progress event per layer and update pass.
+LAYER_PROGRESS = [(k, 4) for k in range(1, 5)]
 
 # The subject ends the prompt: its last token then predicts the target directly, which makes the
 # edit visible on a tiny random model.

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from editfleet.workers.editing.requests import MAX_TEXT_CHARS
 from editfleet.workers.executor import InProcessExecutor
 from editfleet.workers.store import BASE, CheckpointStore, CorruptArtifact
-from service_support import EIFFEL, FAST_ENGINE, GOLD, LOUVRE, save_model, write_corpus
+from service_support import EIFFEL, FAST_ENGINE, GOLD, LAYER_PROGRESS, LOUVRE, save_model, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_edit_streams_progress_and_writes_a_checkpoint(chain, parts):
     assert stages[0] == "materializing" and stages[-2:] == ["evaluating", "writing"]
     assert {"statistics", "targets", "layer"} <= set(stages)
     layers = [(e["current"], e["total"]) for e in chain["progress"] if e["stage"] == "layer"]
-    assert layers == [(1, 2), (2, 2)]
+    assert layers == LAYER_PROGRESS
     first = chain["first"]
     assert first["kind"] == "result" and not first["reused"]
     assert {"efficacy", "paraphrase_efficacy", "neighborhood_specificity", "target_prob_mean"} <= set(first["scores"])

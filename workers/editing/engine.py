@@ -209,6 +209,12 @@ class Editor:
             runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=cfg.layers[0],
                                  stop=cfg.layers[-1])
             deltas, start_values = self._update(rows, runner, targets.z, projectors, stats, progress)
+            # The passes added their deltas one by one; apply the batch's factors exactly as a
+            # replay does (one U @ V^T per layer on the weights before the batch), so a
+            # checkpoint rebuilt from its factors is bitwise the model that made it.
+            self._set_weights(snapshot)
+            for i, (u, v) in deltas.items():
+                adapter.add_delta(model, i, u @ v.T)
             keys, end_values = self._keys(rows, runner)
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
