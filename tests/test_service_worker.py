@@ -65,7 +65,9 @@ def test_edit_streams_progress_and_writes_a_checkpoint(chain, parts):
     assert record.meta["edits"][0]["prompt"] == "The home city of {}"
     assert record.meta["engine_settings"]["v_max_steps"] == FAST_ENGINE["v_max_steps"]
     tensors = load_file(parts["root"] / "store" / "models" / "tiny" / "checkpoints" / first["checkpoint"] / "layer002.safetensors")
-    assert tensors["U"].shape == (64, 1) and tensors["V"].shape == (192, 1) and tensors["K"].shape == (192, 1)
+    # Low rank: one column per edit and update pass; one key per edit.
+    rank = FAST_ENGINE["update_rounds"]
+    assert tensors["U"].shape == (64, rank) and tensors["V"].shape == (192, rank) and tensors["K"].shape == (192, 1)
 
 
 def test_the_edit_shows_in_queries(chain):
