@@ -35,8 +35,8 @@ def native_bfloat16(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 matrix products run natively (fast) on ``device``."""
     device = torch.device(device)
     # CPUs are left out even with AMX: on the development machine (docs/benchmarks.md) the steps
-    # were only ~10% faster (elementwise work dominates at these sizes) and the shifts reached
-    # lower float32 target probabilities.
+    # were not reliably faster (elementwise work dominates at these sizes) and the shifts reached
+    # slightly lower float32 target probabilities.
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
