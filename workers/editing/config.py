@@ -43,11 +43,11 @@ class EditConfig:
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).
         solve_dtype: ``float32`` or ``float64`` for the linear solve.
-        target_dtype: precision of the target optimisation's forward/backward passes: ``bfloat16``
-            (autocast; for GPUs), ``float32``,
-            or ``auto`` (bfloat16 on GPUs that have it, else float32; the editor
-            stores the resolved value). The final target values and their reported probabilities
-            are always computed in float32, as are statistics, keys and the update.
+        target_dtype: precision of the target optimisation's forward/backward passes:
+            ``bfloat16`` (autocast, for GPUs), ``float32``, or ``auto`` (bfloat16 on GPUs that
+            have it, else float32; the editor stores the resolved value). The final target values
+            and their reported probabilities are always computed in float32, as are statistics,
+            keys and the update.
         seed: seeds prefix generation and anything else random.
     """
 

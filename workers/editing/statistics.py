@@ -64,7 +64,7 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
 
     Edited projections are hashed from their kept base copies, so the digest (and the cache key)
     of an edited model is that of its base. Parameters are hashed one by one on a thread pool
-    (hashlib releases the GIL), largest first.
+    (hashlib releases the GIL).
     """
     prefix = adapter.layers + "."
     named = []
@@ -79,12 +79,11 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
             continue
         named.append((name, p))
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        order = sorted(range(len(named)), key=lambda i: -named[i][1].numel())
-        digests = dict(zip(order, pool.map(lambda i: tensor_digest(named[i][1]), order)))
+        digests = list(pool.map(lambda item: tensor_digest(item[1]), named))
     h = hashlib.sha256()
-    for i, (name, _) in enumerate(named):
+    for (name, _), digest in zip(named, digests):
         h.update(name.encode())
-        h.update(digests[i])
+        h.update(digest)
     return h.hexdigest()
 
 

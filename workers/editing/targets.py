@@ -110,6 +110,11 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         return out.index_put(at, (out[at] + shift[rows.owner[live_rows]]).to(out.dtype))
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
+
+    def request_nll(token_nll: torch.Tensor) -> torch.Tensor:
+        """Per request: the mean over its contexts of each row's mean target-token NLL."""
+        return (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
+
     position_owner = rows.owner[rows.loss_row]
     active = torch.ones(n, dtype=torch.bool)
     steps = [0] * n
@@ -133,8 +138,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             logp_all = head_logits(model, read, head_weight).log_softmax(-1)
         logp, kl_logp = logp_all[: len(at)], logp_all[len(at):]
         token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
-        row_nll = torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row
-        nll = row_nll.view(n, n_ctx).mean(1)
+        nll = request_nll(token_nll)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl_each = kl_each.detach().index_put((live,), F.kl_div(kl_logp, kl_init[live], log_target=True,
@@ -166,8 +170,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         if low:  # what the shift achieves in float32
             h = final_norm(runner.run(start=layer + 1, hidden=h))
             logp = head_logits(model, h[rows.loss_row, rows.loss_col]).log_softmax(-1)
-            token_nll = -logp.gather(1, rows.loss_label[:, None]).squeeze(1)
-            nll = (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
+            nll = request_nll(-logp.gather(1, rows.loss_label[:, None]).squeeze(1))
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
 
 
