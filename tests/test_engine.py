@@ -99,6 +99,23 @@ def test_more_update_rounds_close_more_of_the_value_gap(tmp_path, corpus, key_co
     assert gaps[3] < 0.5 * gaps[1], gaps
 
 
+def test_null_moment_weight_steers_a_leaky_null_space_to_quiet_directions(tmp_path, corpus):
+    """When the null space still carries preserved energy (here 20%, as on small real models),
+    weighting it by the second moment moves preserved outputs less, and the edits still land."""
+    change, gap = {}, {}
+    for weight in (0.0, 100.0):
+        editor = make_editor(tmp_path, corpus, nullspace_energy=0.2, null_moment_weight=weight)
+        keys = preserved_keys(editor, corpus)
+        before = projection_weights(editor)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        result = editor.apply(REQUESTS)
+        change[weight] = relative_output_change(editor, keys, before)
+        gap[weight] = max(result.value_gap)
+    assert change[0.0] > 0.05, change  # the leak is real ...
+    assert change[100.0] < 0.5 * change[0.0], change  # ... and the weighting shrinks it
+    assert gap[100.0] < 0.3, gap
+
+
 def test_memit_moves_preserved_outputs(tmp_path, corpus):
     editor = make_editor(tmp_path, corpus, method="memit", mom2_update_weight=1.0)
     keys = preserved_keys(editor, corpus)

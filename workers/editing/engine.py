@@ -193,7 +193,7 @@ class Editor:
         t = time.perf_counter()
         alphaedit = cfg.method == "alphaedit"
         projectors = self.projectors(progress) if alphaedit else None
-        stats = None if alphaedit else self.statistics(progress)
+        stats = self.statistics(progress) if not alphaedit or cfg.null_moment_weight > 0 else None
         self.context_templates()
         timings["stats_seconds"] = time.perf_counter() - t
 
@@ -262,7 +262,8 @@ class Editor:
             u, v = solve_update(
                 keys, r.T, projector=projectors[layer] if projectors else None,
                 memory=self.memory[layer] if cfg.sequential_memory else None,
-                moment=stats[layer].moment if stats else None, moment_weight=cfg.mom2_update_weight,
+                moment=stats[layer].moment if stats else None,
+                moment_weight=cfg.null_moment_weight if projectors else cfg.mom2_update_weight,
                 alpha=cfg.alpha if projectors else 0.0, dtype=dtype,
             )
             delta = u @ v.T
