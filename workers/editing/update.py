@@ -3,8 +3,9 @@
     A = P (lambda C + K_p K_p^T + K1 K1^T) + alpha I,   V = A^-1 P K1,   Delta = R V^T
 
 AlphaEdit: P is the null-space projector, lambda = ``null_moment_weight`` (0 in the paper),
-alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no sequential memory. The update is returned as thin factors (U = R, V): its rank is
-at most the batch size, so checkpoints store two small matrices instead of a dense delta.
+alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no sequential memory. The update is returned as
+thin factors (U = R, V): its rank is at most the batch size, so checkpoints store two small
+matrices instead of a dense delta.
 """
 
 from __future__ import annotations
