@@ -132,8 +132,10 @@ def test_batched_targets_equal_per_request_loop(family):
     batched = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, config)
     loop = optimise_targets_loop(model, tok, _adapter(model), REQUESTS, contexts, config)
     assert batched.steps == loop.steps
-    torch.testing.assert_close(batched.shift, loop.shift, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched.z, loop.z, rtol=1e-4, atol=1e-5)
+    # Equal up to float32 summation order (the batch and a lone request are grouped and padded
+    # differently): per request, relative to the vector's norm.
+    for a, b in ((batched.shift, loop.shift), (batched.z, loop.z)):
+        assert ((a - b).norm(dim=-1) / b.norm(dim=-1)).max() < 1e-5
     assert max(abs(a - b) for a, b in zip(batched.nll, loop.nll)) < 1e-4
 
 

@@ -3,9 +3,11 @@
 All requests of a batch are optimised together in one batched forward/backward. Everything
 below the last edited layer is constant during the optimisation, so it is computed once
 (``LayerRunner``) and only the layers from the last edited one upward run at each step; the LM
-head is applied only at the positions the loss reads. Requests are independent (each has its
-own shift, loss and Adam moments, which are elementwise), so the batched result equals the
-per-request loop; a request that has converged is frozen while the others go on.
+head is applied only at the positions the loss reads. The rows are replayed in a few length
+groups, each padded to its own longest row (one padded batch of edit prompts is about half
+padding). Requests are independent (each has its own shift, loss and Adam moments, which are
+elementwise), so the batched result equals the per-request loop up to float32 summation order;
+a request that has converged is frozen while the others go on.
 
 The optimisation steps may run under bfloat16 autocast (``EditConfig.target_dtype``, by default
 on GPUs only); the shift found is then checked in float32: the target values ``z`` and the
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editfleet.workers.editing.batching import Rows, prompt_rows, target_ids
+from editfleet.workers.editing.batching import Rows, length_groups, prompt_rows, target_ids
 from editfleet.workers.editing.config import EditConfig
 from editfleet.workers.editing.requests import EditRequest
 from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
@@ -29,6 +31,8 @@ from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import head_logits
 
 KL_PROMPT = "{} is a"
+# Length groups of a batch (each padded to its own longest row; see batching.length_groups).
+MAX_GROUPS = 4
 
 
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
@@ -74,6 +78,32 @@ def context_rows(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[
     return prompt_rows(tokenizer, *_context_inputs(tokenizer, requests, contexts, with_targets))
 
 
+class _Groups:
+    """The batch's rows in length groups (``length_groups``), each with its own recorded pass.
+
+    Maps every row to its group and its index there, so that positions the loss reads can be
+    found in the group's hidden states.
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, rows: Rows, layer: int):
+        lengths = rows.attention_mask.sum(1)
+        self.members = length_groups(lengths, MAX_GROUPS)
+        self.group = torch.empty(rows.size, dtype=torch.long)
+        self.local = torch.empty(rows.size, dtype=torch.long)
+        self.runners: list[LayerRunner] = []
+        self.value0: torch.Tensor | None = None  # per row: ``layer``'s projection output at the subject
+        for g, member in enumerate(self.members):
+            self.group[member], self.local[member] = g, torch.arange(len(member))
+            width = int(lengths[member].max())
+            with capture_projection(model, adapter, [layer], inputs=False, outputs=True) as seen:
+                self.runners.append(LayerRunner(model, adapter, rows.input_ids[member, :width],
+                                                rows.attention_mask[member, :width], start=layer))
+            out = seen["out"][layer][torch.arange(len(member)), rows.subject_pos[member]]
+            if self.value0 is None:
+                self.value0 = out.new_empty(rows.size, out.shape[-1])
+            self.value0[member] = out
+
+
 def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
                      contexts: Sequence[str], config: EditConfig,
                      progress: Callable[[str, int, int], None] | None = None) -> Targets:
@@ -89,25 +119,28 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     kl_rows = torch.arange(n_ctx_rows, rows.size)
     bare = torch.arange(0, n_ctx_rows, n_ctx)  # context 0 of each request
 
-    with capture_projection(model, adapter, [layer], inputs=False, outputs=True) as seen:
-        runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=layer)
-    value0 = seen["out"][layer][bare, rows.subject_pos[bare]]
+    groups = _Groups(model, adapter, rows, layer)
+    value0 = groups.value0[bare]
+    h0 = torch.empty_like(value0)
     with torch.no_grad():
-        h0 = runner.run(end=layer)[bare, rows.subject_pos[bare]]
+        for g, member in enumerate(groups.members):
+            mine = bare[groups.group[bare] == g]
+            h = groups.runners[g].run(end=layer)
+            h0[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
     ref_norm = (value0 if adapter.post_norm else h0).norm(dim=-1)
     final_norm = adapter.final_norm_module(model)
 
     shift = torch.zeros(n, value0.shape[-1], requires_grad=True)
     opt = torch.optim.Adam([shift], lr=config.v_lr)
-    live_rows = torch.arange(rows.size)  # rows replayed at this step: those of unconverged requests
     device = rows.input_ids.device
     low = resolve_target_dtype(config, device).target_dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
     head_weight = model.get_output_embeddings().weight.to(torch.bfloat16) if low else None
+    replayed = torch.arange(0)  # global rows of the group being replayed, in replay order
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
-        at = (torch.arange(len(live_rows)), rows.subject_pos[live_rows])
-        return out.index_put(at, (out[at] + shift[rows.owner[live_rows]]).to(out.dtype))
+        at = (torch.arange(len(replayed)), rows.subject_pos[replayed])
+        return out.index_put(at, (out[at] + shift[rows.owner[replayed]]).to(out.dtype))
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
 
@@ -116,31 +149,43 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         return (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
 
     position_owner = rows.owner[rows.loss_row]
+    position_group = groups.group[rows.loss_row]
+    kl_group = groups.group[kl_rows]
     active = torch.ones(n, dtype=torch.bool)
     steps = [0] * n
-    kl_init = None
+    kl_init: torch.Tensor | None = None
     token_nll = torch.zeros(len(rows.loss_row))
     kl_each = torch.zeros(n)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
         # cost with a large vocabulary) runs only at their positions: a converged request's shift,
         # and so its loss, is frozen.
-        live_rows = torch.nonzero(active[rows.owner]).flatten()
-        in_live = torch.full((rows.size,), -1, dtype=torch.long)
-        in_live[live_rows] = torch.arange(len(live_rows))
-        at = torch.nonzero(active[position_owner]).flatten()
-        live = torch.nonzero(active).flatten()
-        with autocast, add_at_projection(model, adapter, layer, add_shift):
-            h = final_norm(runner.run(rows=live_rows))
-            # One LM-head call for the target positions and the KL positions.
-            read = torch.cat([h[in_live[rows.loss_row[at]], rows.loss_col[at]],
-                              h[in_live[kl_rows[live]], rows.last_pos[kl_rows[live]]]])
-            logp_all = head_logits(model, read, head_weight).log_softmax(-1)
+        reads, at, kl_at = [], [], []
+        with autocast:
+            for g, member in enumerate(groups.members):
+                live_local = torch.nonzero(active[rows.owner[member]]).flatten()
+                if len(live_local) == 0:
+                    continue
+                replayed = member[live_local]
+                in_live = torch.full((len(member),), -1, dtype=torch.long)
+                in_live[live_local] = torch.arange(len(live_local))
+                with add_at_projection(model, adapter, layer, add_shift):
+                    h = final_norm(groups.runners[g].run(rows=live_local))
+                pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
+                kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
+                reads += [h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]],
+                          h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]]]
+                at.append(pos)
+                kl_at.append(kl)
+            # One LM-head call for the target and KL positions of every group.
+            logp_all = head_logits(model, torch.cat(reads[0::2] + reads[1::2]), head_weight).log_softmax(-1)
+        at, live = torch.cat(at), torch.cat(kl_at)
         logp, kl_logp = logp_all[: len(at)], logp_all[len(at):]
         token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
         nll = request_nll(token_nll)
         if kl_init is None:
-            kl_init = kl_logp.detach()
+            kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype)
+            kl_init[live] = kl_logp.detach()
         kl_each = kl_each.detach().index_put((live,), F.kl_div(kl_logp, kl_init[live], log_target=True,
                                                                  reduction="none").sum(-1))
         decay = shift.norm(dim=-1) / ref_norm.pow(2)
@@ -163,14 +208,22 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             over = norms > limit
             shift[over] *= (limit[over] / norms[over])[:, None]
 
-    live_rows = torch.arange(rows.size)
-    with torch.no_grad(), add_at_projection(model, adapter, layer, add_shift):
-        h = runner.run(end=layer)
-        z = h[bare, rows.subject_pos[bare]]
-        if low:  # what the shift achieves in float32
-            h = final_norm(runner.run(start=layer + 1, hidden=h))
-            logp = head_logits(model, h[rows.loss_row, rows.loss_col]).log_softmax(-1)
-            nll = request_nll(-logp.gather(1, rows.loss_label[:, None]).squeeze(1))
+    z = torch.empty_like(value0)
+    token_nll = torch.zeros(len(rows.loss_row))
+    with torch.no_grad():
+        for g, member in enumerate(groups.members):
+            replayed = member
+            with add_at_projection(model, adapter, layer, add_shift):
+                h = groups.runners[g].run(end=layer)
+            mine = bare[groups.group[bare] == g]
+            z[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
+            if low:  # what the shift achieves in float32
+                h = final_norm(groups.runners[g].run(start=layer + 1, hidden=h))
+                pos = torch.nonzero(position_group == g).flatten()
+                logp = head_logits(model, h[groups.local[rows.loss_row[pos]], rows.loss_col[pos]]).log_softmax(-1)
+                token_nll[pos] = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
+    if low:
+        nll = request_nll(token_nll)
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
 
 
