@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from editfleet.workers.editing.batching import length_groups
 from editfleet.workers.editing.config import default_config
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
@@ -327,3 +328,15 @@ def test_context_rows_locate_the_subject():
     for r in range(2):
         ids = rows.input_ids[r, : int(rows.subject_pos[r]) + 1].tolist()
         assert tok.decode(ids, skip_special_tokens=True).endswith("Danielle Darrieux")
+
+
+def test_length_groups_cut_padding_but_keep_small_batches_whole():
+    lengths = torch.tensor([5, 20, 6, 12, 13, 21, 5, 19] * 50)
+    padded = lambda groups: sum(len(g) * int(lengths[g].max()) for g in groups)
+    groups = length_groups(lengths, 4, group_cost=256)
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))  # every row once
+    assert 1 < len(groups) <= 4
+    assert [int(lengths[g].max()) for g in groups] == sorted(int(lengths[g].max()) for g in groups)
+    assert padded(groups) < 0.8 * padded([torch.arange(len(lengths))])
+    # One request's rows (three contexts and the short KL prompt) save less than a group costs.
+    assert len(length_groups(torch.tensor([15, 17, 16, 6]), 4, group_cost=256)) == 1

@@ -83,13 +83,15 @@ def prompt_rows(tokenizer, prompts: list[str], subjects: list[str], owners: list
     return encode(tokenizer, texts, ends, owners, targets)
 
 
-def length_groups(lengths: torch.Tensor, max_groups: int) -> list[torch.Tensor]:
+def length_groups(lengths: torch.Tensor, max_groups: int, group_cost: int = 0) -> list[torch.Tensor]:
     """Row indices split into at most ``max_groups`` groups of similar length, chosen to
-    minimise the padded tokens (each group is padded to its own longest row).
+    minimise the padded tokens (each group is padded to its own longest row) plus
+    ``group_cost`` tokens per group (what one more, smaller forward pass costs).
 
     A batch of edit prompts pads half its tokens when padded to the longest row (short KL
-    prompts beside prefixed ones); a few groups recover most of that. Groups come shortest
-    first, rows in their original order within a group.
+    prompts beside prefixed ones); a few groups recover most of that, while the four rows of a
+    single request are not worth splitting. Groups come shortest first, rows in their original
+    order within a group.
     """
     widths, counts = torch.unique(lengths, return_counts=True)
     w, c = widths.tolist(), counts.tolist()
@@ -104,7 +106,7 @@ def length_groups(lengths: torch.Tensor, max_groups: int) -> list[torch.Tensor]:
             rows = 0
             for a in range(j, 0, -1):  # the last group holds widths a-1 .. j-1
                 rows += c[a - 1]
-                cost = best[g - 1][a - 1] + rows * w[j - 1]
+                cost = best[g - 1][a - 1] + rows * w[j - 1] + group_cost
                 if cost < best[g][j]:
                     best[g][j], cut[g][j] = cost, a - 1
     g = min(range(1, max_groups + 1), key=lambda k: (best[k][m], k))
