@@ -126,7 +126,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     value0 = groups.value0[bare]
     h0 = torch.empty_like(value0)
     with torch.no_grad():
-        for g, member in enumerate(groups.members):
+        for g in groups.group[bare].unique().tolist():  # the groups holding a bare prompt
             mine = bare[groups.group[bare] == g]
             h = groups.runners[g].run(end=layer)
             h0[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
@@ -163,7 +163,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
         # cost with a large vocabulary) runs only at their positions: a converged request's shift,
         # and so its loss, is frozen.
-        reads, at, kl_at = [], [], []
+        target_reads, kl_reads, at, kl_at = [], [], [], []
         with autocast:
             for g, member in enumerate(groups.members):
                 live_local = torch.nonzero(active[rows.owner[member]]).flatten()
@@ -176,12 +176,12 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                     h = final_norm(groups.runners[g].run(rows=live_local))
                 pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
                 kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
-                reads += [h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]],
-                          h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]]]
+                target_reads.append(h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]])
+                kl_reads.append(h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]])
                 at.append(pos)
                 kl_at.append(kl)
             # One LM-head call for the target and KL positions of every group.
-            logp_all = head_logits(model, torch.cat(reads[0::2] + reads[1::2]), head_weight).log_softmax(-1)
+            logp_all = head_logits(model, torch.cat(target_reads + kl_reads), head_weight).log_softmax(-1)
         at, live = torch.cat(at), torch.cat(kl_at)
         logp, kl_logp = logp_all[: len(at)], logp_all[len(at):]
         token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
@@ -215,10 +215,12 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     token_nll = torch.zeros(len(rows.loss_row))
     with torch.no_grad():
         for g, member in enumerate(groups.members):
+            mine = bare[groups.group[bare] == g]
+            if len(mine) == 0 and not low:  # nothing to read in this group
+                continue
             replayed = member
             with add_at_projection(model, adapter, layer, add_shift):
                 h = groups.runners[g].run(end=layer)
-            mine = bare[groups.group[bare] == g]
             z[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
             if low:  # what the shift achieves in float32
                 h = final_norm(groups.runners[g].run(start=layer + 1, hidden=h))
