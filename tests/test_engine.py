@@ -16,6 +16,7 @@ from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
 from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
 from editfleet.workers.editing.statistics import params_digest, token_sequences
+from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
 from engine_support import REQUESTS, TINY, projection_weights, target_nll, write_corpus
@@ -126,12 +127,17 @@ def test_memit_moves_preserved_outputs(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_batched_targets_equal_per_request_loop(family):
+@pytest.mark.parametrize("chunk_rows", [None, 1])
+def test_batched_targets_equal_per_request_loop(family, chunk_rows, monkeypatch):
+    """Also when the batch is back-propagated in chunks of one row (each chunk's graph freed
+    before the next), which must not change the optimisation."""
     model, tok = tiny_model(family, seed=1, initializer_range=0.1)
     config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 12})
     contexts = ["{}", "Once upon a time. {}", "Well. {}"]
-    batched = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, config)
     loop = optimise_targets_loop(model, tok, _adapter(model), REQUESTS, contexts, config)
+    if chunk_rows is not None:
+        monkeypatch.setattr(targets_module, "CHUNK_ROWS", chunk_rows)
+    batched = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, config)
     assert batched.steps == loop.steps
     # Equal up to float32 summation order (the batch and a lone request are grouped and padded
     # differently): per request, relative to the vector's norm.

@@ -1,13 +1,15 @@
 """Target values: the shift of the last edited layer's value that makes each fact come out.
 
-All requests of a batch are optimised together in one batched forward/backward. Everything
+All requests of a batch are optimised together, one Adam step for the whole batch. Everything
 below the last edited layer is constant during the optimisation, so it is computed once
 (``LayerRunner``) and only the layers from the last edited one upward run at each step; the LM
 head is applied only at the positions the loss reads. The rows are replayed in a few length
 groups, each padded to its own longest row (one padded batch of edit prompts is about half
-padding). Requests are independent (each has its own shift, loss and Adam moments, which are
-elementwise), so the batched result equals the per-request loop up to float32 summation order;
-a request that has converged is frozen while the others go on.
+padding), cut into chunks of at most ``CHUNK_ROWS`` rows; each chunk's share of the loss is
+back-propagated before the next chunk runs, so memory is bounded by the chunk, not the batch.
+Requests are independent (each has its own shift, loss and Adam moments, which are elementwise),
+so the batched result equals the per-request loop up to float32 summation order; a request that
+has converged is frozen while the others go on.
 
 The optimisation steps may run under bfloat16 autocast (``EditConfig.target_dtype``, by default
 on GPUs only); the shift found is then checked in float32: the target values ``z`` and the
@@ -36,6 +38,9 @@ KL_PROMPT = "{} is a"
 # smollm2: splitting a single request's four rows made the per-request loop 1.6x slower).
 MAX_GROUPS = 4
 GROUP_COST = 256
+# Rows per replayed chunk of a group: each chunk's graph is freed after its backward, so this, not
+# the batch size, bounds the optimisation's memory.
+CHUNK_ROWS = 64
 
 
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
@@ -82,7 +87,8 @@ def context_rows(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[
 
 
 class _Groups:
-    """The batch's rows in length groups (``length_groups``), each with its own recorded pass.
+    """The batch's rows in length groups (``length_groups``) cut into chunks of at most
+    ``CHUNK_ROWS`` rows, each with its own recorded pass.
 
     Maps every row to its group and its index there, so that positions the loss reads can be
     found in the group's hidden states.
@@ -90,7 +96,8 @@ class _Groups:
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, rows: Rows, layer: int):
         lengths = rows.attention_mask.sum(1)
-        self.members = length_groups(lengths, MAX_GROUPS, GROUP_COST)
+        self.members = [chunk for member in length_groups(lengths, MAX_GROUPS, GROUP_COST)
+                        for chunk in member.tensor_split(-(-len(member) // CHUNK_ROWS))]
         self.group = torch.empty(rows.size, dtype=torch.long)
         self.local = torch.empty(rows.size, dtype=torch.long)
         self.runners: list[LayerRunner] = []
@@ -151,20 +158,26 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         """Per request: the mean over its contexts of each row's mean target-token NLL."""
         return (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
 
+    # The loss is a sum over requests, each a weighted sum of its token NLLs and its KL term, so
+    # it is summed and back-propagated group by group: only one group's graph (and LM-head
+    # output, 262k wide on Gemma 3) is alive at a time.
+    token_weight = 1.0 / (tokens_per_row[rows.loss_row] * n_ctx)
     position_owner = rows.owner[rows.loss_row]
     position_group = groups.group[rows.loss_row]
     kl_group = groups.group[kl_rows]
     active = torch.ones(n, dtype=torch.bool)
     steps = [0] * n
-    kl_init: torch.Tensor | None = None
+    kl_init = None
     token_nll = torch.zeros(len(rows.loss_row))
     kl_each = torch.zeros(n)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
         # cost with a large vocabulary) runs only at their positions: a converged request's shift,
-        # and so its loss, is frozen.
-        target_reads, kl_reads, at, kl_at = [], [], [], []
-        with autocast:
+        # and so its loss, is frozen. Gradients are taken for every request active at the start of
+        # the step; those that turn out converged are restored below, so they never move.
+        last = step == config.v_max_steps - 1
+        opt.zero_grad()
+        with torch.set_grad_enabled(not last):
             for g, member in enumerate(groups.members):
                 live_local = torch.nonzero(active[rows.owner[member]]).flatten()
                 if len(live_local) == 0:
@@ -172,37 +185,36 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                 replayed = member[live_local]
                 in_live = torch.full((len(member),), -1, dtype=torch.long)
                 in_live[live_local] = torch.arange(len(live_local))
-                with add_at_projection(model, adapter, layer, add_shift):
+                with autocast, add_at_projection(model, adapter, layer, add_shift):
                     h = final_norm(groups.runners[g].run(rows=live_local))
-                pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
-                kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
-                target_reads.append(h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]])
-                kl_reads.append(h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]])
-                at.append(pos)
-                kl_at.append(kl)
-            # One LM-head call for the target and KL positions of every group.
-            logp_all = head_logits(model, torch.cat(target_reads + kl_reads), head_weight).log_softmax(-1)
-        at, live = torch.cat(at), torch.cat(kl_at)
-        logp, kl_logp = logp_all[: len(at)], logp_all[len(at):]
-        token_nll = token_nll.detach().index_put((at,), -logp.gather(1, rows.loss_label[at, None]).squeeze(1))
+                    pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
+                    kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
+                    reads = torch.cat([h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]],
+                                       h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]]])
+                    logp_all = head_logits(model, reads, head_weight).log_softmax(-1)
+                logp, kl_logp = logp_all[: len(pos)], logp_all[len(pos):]
+                nll_g = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
+                if kl_init is None:
+                    kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype)
+                if step == 0:
+                    kl_init[kl] = kl_logp.detach()
+                kl_g = F.kl_div(kl_logp, kl_init[kl], log_target=True, reduction="none").sum(-1)
+                token_nll[pos] = nll_g.detach().float()
+                kl_each[kl] = kl_g.detach().float()
+                if not last:
+                    ((token_weight[pos] * nll_g).sum() + config.kl_factor * kl_g.sum()).backward()
         nll = request_nll(token_nll)
-        if kl_init is None:
-            kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype)
-            kl_init[live] = kl_logp.detach()
-        kl_each = kl_each.detach().index_put((live,), F.kl_div(kl_logp, kl_init[live], log_target=True,
-                                                                 reduction="none").sum(-1))
-        decay = shift.norm(dim=-1) / ref_norm.pow(2)
-        loss = nll + config.kl_factor * kl_each + config.v_weight_decay * decay
-        active &= nll.detach() >= config.v_loss_threshold
+        was_active = active.clone()
+        active &= nll >= config.v_loss_threshold
         if progress:
             progress("targets", step + 1, config.v_max_steps)
-        if not active.any() or step == config.v_max_steps - 1:
+        if not active.any() or last:
             break
         for r in torch.nonzero(active).flatten().tolist():
             steps[r] += 1
+        decay = shift.norm(dim=-1) / ref_norm.pow(2)
+        (config.v_weight_decay * decay[was_active]).sum().backward()
         before = shift.detach().clone()
-        opt.zero_grad()
-        loss[active].sum().backward()
         opt.step()
         with torch.no_grad():
             shift[~active] = before[~active]
