@@ -154,6 +154,12 @@ def test_zsre_loader_reports_empty_targets():
         assert [(v.field, v.description) for v in rejected[case_id]] == [("target_new", "is empty")]
     assert len(loaded.cases) + len(loaded.rejected) == 1000
     assert "skipped" in loaded.rejection_summary() and "534" in loaded.rejection_summary()
+    # The first 500 valid cases: only the refusals met on the way to them (zsRE ids are positions).
+    head = loaded.head(500)
+    last = head.cases[-1].case_id
+    assert head.cases == loaded.cases[:500]
+    assert [cid for cid, _ in head.rejected] == [cid for cid, _ in loaded.rejected if cid < last]
+    assert 0 < len(head.rejected) < len(loaded.rejected) and last + 1 == 500 + len(head.rejected)
     first = loaded.cases[0]
     assert (first.kind, first.case_id, first.target_new, first.neighborhood_answer) == (
         "zsre", 0, "unmanned aircraft", "Walter Sobchak")

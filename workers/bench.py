@@ -65,11 +65,12 @@ def _cases(args):
     loader = load_counterfact if args.dataset == "counterfact" else load_zsre
     # Read enough records that N valid cases remain after refusing invalid ones.
     loaded = loader(path, limit=args.edits * 2 + 50, offset=args.offset)
-    if loaded.rejected:
-        print(f"[bench] {loaded.rejection_summary()}", file=sys.stderr)
     if len(loaded.cases) < args.edits:
         raise SystemExit(f"{path} has only {len(loaded.cases)} valid cases from offset {args.offset}")
-    return loaded.cases[: args.edits], len(loaded.rejected)
+    used = loaded.head(args.edits)
+    if used.rejected:
+        print(f"[bench] {used.rejection_summary()}", file=sys.stderr)
+    return used.cases, len(used.rejected)
 
 
 def _evaluate(args, model, tok, cases) -> dict[str, Any]:

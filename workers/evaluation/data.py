@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -80,6 +80,13 @@ class LoadedCases:
 
     cases: list[EvalCase]
     rejected: list[tuple[int, list[FieldViolation]]]
+    valid_before: list[int] = field(default_factory=list)  # per refused record: valid cases ahead of it
+
+    def head(self, n: int) -> "LoadedCases":
+        """The first ``n`` valid cases and only the records refused on the way to them (a run
+        that reads ahead to find ``n`` valid cases must not report refusals it never reached)."""
+        kept = [i for i, before in enumerate(self.valid_before) if before < n]
+        return LoadedCases(self.cases[:n], [self.rejected[i] for i in kept], [self.valid_before[i] for i in kept])
 
     def rejection_summary(self) -> str:
         """One line for logs: ``skipped N invalid records: ...`` (empty when none)."""
@@ -104,10 +111,12 @@ def _load(path: str | Path, limit: int | None, offset: int, kind: CaseKind) -> L
     answer_key, neighbour_key = ("locality_ground_truth", "locality_prompt") if kind == "counterfact" else ("loc_ans", "loc")
     cases: list[EvalCase] = []
     rejected: list[tuple[int, list[FieldViolation]]] = []
+    valid_before: list[int] = []
     for position, record in enumerate(_read_records(path, limit, offset), start=offset):
         if not isinstance(record, Mapping):
             problem = FieldViolation(position, "", f"must be an object, got {type(record).__name__}")
             rejected.append((position, [problem]))
+            valid_before.append(len(cases))
             continue
         case_id = int(record["case_id"]) if kind == "counterfact" and "case_id" in record else position
         rid = str(case_id)
@@ -119,6 +128,7 @@ def _load(path: str | Path, limit: int | None, offset: int, kind: CaseKind) -> L
             violations.append(FieldViolation(position, neighbour_key, "is missing: no neighbourhood prompt", rid))
         if violations or request is None:
             rejected.append((case_id, violations))
+            valid_before.append(len(cases))
             continue
         # zsRE's unrelated question has no question mark; the reference code (MEMIT) appends one.
         neighbours = request.neighbors if kind == "counterfact" else tuple(q + "?" for q in request.neighbors)
@@ -133,7 +143,7 @@ def _load(path: str | Path, limit: int | None, offset: int, kind: CaseKind) -> L
             case_id=case_id,
             kind=kind,
         ))
-    return LoadedCases(cases, rejected)
+    return LoadedCases(cases, rejected, valid_before)
 
 
 def load_counterfact(path: str | Path, limit: int | None = None, offset: int = 0) -> LoadedCases:
