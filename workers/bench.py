@@ -1,8 +1,10 @@
 """``editfleet bench``: N sequential edits in batches, the paper's evaluation before and after.
 
 Prints a table and writes the same figures as JSON (keys ``pre``, ``post``, ``timing``,
-``peak_rss_mb``, ``config``, plus projector and target-optimisation summaries), so runs can be
-compared and quoted in docs/benchmarks.md.
+``peak_rss_mb``, ``config``, plus projector and target-optimisation summaries, and
+``perplexity_by_batch`` with ``--track-perplexity``), so runs can be compared and quoted in
+docs/benchmarks.md. ``--save-state`` keeps the edited model as the editor's state (low-rank
+deltas per batch) for later analysis.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="model cache folder (default: $EDITFLEET_HOME or ~/.cache/editfleet)")
     p.add_argument("--cache-dir", help="statistics/projector cache (default: <home>/stats)")
     p.add_argument("--fluency-cases", type=int, default=100)
+    p.add_argument("--track-perplexity", action="store_true",
+                   help="also measure the WikiText perplexity after every batch (JSON: perplexity_by_batch)")
+    p.add_argument("--save-state", metavar="DIR",
+                   help="write the editor's state (settings, contexts, K_p, every batch's low-rank deltas) "
+                        "here, so the edited model can be rebuilt and inspected without editing again")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return p
 
@@ -93,6 +100,7 @@ def _evaluate(args, model, tok, cases) -> dict[str, Any]:
 def run(args) -> dict[str, Any]:
     from editfleet.workers.editing.engine import Editor
     from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
+    from editfleet.workers.evaluation.metrics import perplexity
     from editfleet.workers.models.registry import editfleet_home, load_model
 
     if args.threads:
@@ -116,7 +124,7 @@ def run(args) -> dict[str, Any]:
     t = time.perf_counter()
     editor.projectors() if args.method == "alphaedit" else editor.statistics()
     timing["stats_seconds"] = time.perf_counter() - t
-    probs, steps, gaps = [], [], []
+    probs, steps, gaps, tracked = [], [], [], []
     batches = [cases[i:i + args.batch] for i in range(0, len(cases), args.batch)]
     for b, batch in enumerate(batches):
         requests = [c.request for c in batch]
@@ -139,11 +147,18 @@ def run(args) -> dict[str, Any]:
         probs += result.target_prob
         steps += result.target_steps
         gaps += result.value_gap
-        print(f"[bench] batch {b + 1}/{len(batches)}: targets {result.timings['targets_seconds']:.1f}s, "
-              f"update {result.timings['update_seconds']:.1f}s, mean target p {sum(result.target_prob) / len(batch):.3f}",
-              file=sys.stderr)
+        line = (f"[bench] batch {b + 1}/{len(batches)}: targets {result.timings['targets_seconds']:.1f}s, "
+                f"update {result.timings['update_seconds']:.1f}s, mean target p {sum(result.target_prob) / len(batch):.3f}")
+        if args.track_perplexity:
+            t = time.perf_counter()
+            tracked.append(perplexity(model, tok)["perplexity"])
+            timing["track_seconds"] = timing.get("track_seconds", 0.0) + time.perf_counter() - t
+            line += f", perplexity {tracked[-1]:.2f}"
+        print(line, file=sys.stderr)
     edit_seconds = timing["stats_seconds"] + timing["targets_seconds"] + timing["update_seconds"]
 
+    if args.save_state:
+        editor.save_state(args.save_state)
     t = time.perf_counter()
     post = _evaluate(args, model, tok, cases)
     timing["eval_seconds"] = eval_seconds + time.perf_counter() - t
@@ -160,6 +175,8 @@ def run(args) -> dict[str, Any]:
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
                     "converged": sum(p >= 0.95 for p in probs) / len(probs),
                     "mean_value_gap": sum(gaps) / len(gaps)},
+        **({"perplexity_by_batch": tracked} if args.track_perplexity else {}),
+        **({"state": str(args.save_state)} if args.save_state else {}),
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -1,0 +1,70 @@
+"""``editfleet bench`` end to end on a tiny local model: the JSON it writes, the per-batch
+perplexity it tracks and the state it saves (which must rebuild exactly the model it scored)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from editfleet.workers import bench
+from editfleet.workers.editing.engine import Editor
+from editfleet.workers.evaluation.data import data_dir
+from editfleet.workers.evaluation.metrics import perplexity
+from editfleet.workers.models.registry import load_model
+from editfleet.workers.models.tiny import save_tiny
+
+FACTS = [
+    ("The mother tongue of {} is", "Danielle Darrieux", "French", "English"),
+    ("{} is located in the continent of", "Kerguelen Islands", "Antarctica", "Asia"),
+    ("{} plays the position of", "Brian Dawkins", "safety", "goaltender"),
+    ("The capital of {} is", "Norway", "Oslo", "Lyon"),
+    ("{} was created in the country of", "Toyota", "Japan", "Italy"),
+]
+
+
+def _write_counterfact(path: Path) -> Path:
+    records = [{"case_id": i, "prompt": prompt, "subject": subject, "ground_truth": true, "target_new": new,
+                "rephrase_prompt": "In short, " + prompt.replace("{}", subject), "locality_prompt": "The sky is",
+                "locality_ground_truth": "blue"}
+               for i, (prompt, subject, true, new) in enumerate(FACTS)]
+    records.insert(2, {**records[0], "case_id": 99, "target_new": ""})  # refused, before the 3rd case
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tmp_path):
+    try:
+        data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"evaluation data not available: {exc}")
+    model_dir = save_tiny(tmp_path / "model", "llama", seed=1)
+    out, state = tmp_path / "bench.json", tmp_path / "state"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([
+            "--model", str(model_dir), "--data", str(_write_counterfact(tmp_path / "cf.json")),
+            "--edits", "4", "--batch", "2", "--seed", "0", "--threads", "1", "--fluency-cases", "2",
+            "--cache-dir", str(tmp_path / "stats"), "--set", "stats_tokens=2000", "--set", "v_max_steps=3",
+            "--track-perplexity", "--save-state", str(state), "--json", str(out),
+        ]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    for phase in ("pre", "post"):
+        assert all(0 <= report[phase][k] <= 1 for k in ("efficacy", "generalization", "specificity"))
+        assert report[phase]["fluency"] > 0 and report[phase]["perplexity"] > 1
+    assert report["edits"] == 4 and report["rejected_records"] == 1
+    assert set(report["timing"]) >= {"seconds_per_edit", "stats_seconds", "targets_seconds", "update_seconds",
+                                     "eval_seconds", "track_seconds"}
+    # One perplexity per batch; the last is the model the post-edit evaluation scored.
+    assert len(report["perplexity_by_batch"]) == 2
+    assert report["perplexity_by_batch"][-1] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
+    assert report["perplexity_by_batch"][-1] != pytest.approx(report["pre"]["perplexity"], rel=1e-9)
+    # The saved state rebuilds, on the base model, exactly the model that was scored.
+    base, tok = load_model(str(model_dir))
+    editor = Editor.load_state(base, tok, state, cache_dir=tmp_path / "stats")
+    assert len(editor.history) == 2 and report["state"] == str(state)
+    assert perplexity(base, tok)["perplexity"] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
