@@ -159,7 +159,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         return (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
 
     # The loss is a sum over requests, each a weighted sum of its token NLLs and its KL term, so
-    # it is summed and back-propagated group by group: only one group's graph (and LM-head
+    # it is summed and back-propagated chunk by chunk: only one chunk's graph (and LM-head
     # output, 262k wide on Gemma 3) is alive at a time.
     token_weight = 1.0 / (tokens_per_row[rows.loss_row] * n_ctx)
     position_owner = rows.owner[rows.loss_row]
@@ -167,9 +167,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     kl_group = groups.group[kl_rows]
     active = torch.ones(n, dtype=torch.bool)
     steps = [0] * n
-    kl_init = None
+    kl_init: torch.Tensor | None = None
     token_nll = torch.zeros(len(rows.loss_row))
-    kl_each = torch.zeros(n)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
         # cost with a large vocabulary) runs only at their positions: a converged request's shift,
@@ -200,7 +199,6 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                     kl_init[kl] = kl_logp.detach()
                 kl_g = F.kl_div(kl_logp, kl_init[kl], log_target=True, reduction="none").sum(-1)
                 token_nll[pos] = nll_g.detach().float()
-                kl_each[kl] = kl_g.detach().float()
                 if not last:
                     ((token_weight[pos] * nll_g).sum() + config.kl_factor * kl_g.sum()).backward()
         nll = request_nll(token_nll)
