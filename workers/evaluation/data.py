@@ -112,11 +112,14 @@ def _load(path: str | Path, limit: int | None, offset: int, kind: CaseKind) -> L
     cases: list[EvalCase] = []
     rejected: list[tuple[int, list[FieldViolation]]] = []
     valid_before: list[int] = []
+
+    def refuse(case_id: int, violations: list[FieldViolation]) -> None:
+        rejected.append((case_id, violations))
+        valid_before.append(len(cases))
+
     for position, record in enumerate(_read_records(path, limit, offset), start=offset):
         if not isinstance(record, Mapping):
-            problem = FieldViolation(position, "", f"must be an object, got {type(record).__name__}")
-            rejected.append((position, [problem]))
-            valid_before.append(len(cases))
+            refuse(position, [FieldViolation(position, "", f"must be an object, got {type(record).__name__}")])
             continue
         case_id = int(record["case_id"]) if kind == "counterfact" and "case_id" in record else position
         rid = str(case_id)
@@ -127,8 +130,7 @@ def _load(path: str | Path, limit: int | None, offset: int, kind: CaseKind) -> L
         if request is not None and not request.neighbors:
             violations.append(FieldViolation(position, neighbour_key, "is missing: no neighbourhood prompt", rid))
         if violations or request is None:
-            rejected.append((case_id, violations))
-            valid_before.append(len(cases))
+            refuse(case_id, violations)
             continue
         # zsRE's unrelated question has no question mark; the reference code (MEMIT) appends one.
         neighbours = request.neighbors if kind == "counterfact" else tuple(q + "?" for q in request.neighbors)
