@@ -56,6 +56,11 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     for phase in ("pre", "post"):
         assert all(0 <= report[phase][k] <= 1 for k in ("efficacy", "generalization", "specificity"))
         assert report[phase]["fluency"] > 0 and report[phase]["perplexity"] > 1
+        # Per batch: two batches of two cases, whose means are the whole run's figures.
+        by_batch = report[phase]["by_batch"]
+        assert len(by_batch) == 2
+        for k in ("efficacy", "generalization", "specificity"):
+            assert (by_batch[0][k] + by_batch[1][k]) / 2 == pytest.approx(report[phase][k])
     assert report["edits"] == 4 and report["rejected_records"] == 1
     assert set(report["timing"]) >= {"seconds_per_edit", "stats_seconds", "targets_seconds", "update_seconds",
                                      "eval_seconds", "track_seconds"}

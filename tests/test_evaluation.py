@@ -213,6 +213,22 @@ def test_metrics_on_real_cases_are_fractions():
     assert z["n_cases"] == len(zsre) and all(0.0 <= z[k] <= 1.0 for k in ("efficacy", "generalization", "specificity"))
 
 
+def test_figures_by_group_equal_each_group_scored_alone():
+    model, tok = tiny_model("llama", seed=2)
+    data = _shared_data()
+    main = ("efficacy", "generalization", "specificity")
+    for evaluate, cases, extra in (
+            (evaluate_counterfact, load_counterfact(data / "counterfact" / "counterfact-edit.json", limit=12).cases,
+             {"fluency_cases": 0}),
+            (evaluate_zsre, load_zsre(data / "zsre" / "zsre_mend_train-1k.json", limit=12).cases, {})):
+        whole = evaluate(model, tok, cases, batch_size=7, group=5, **extra)
+        assert len(whole["by_group"]) == 3  # 5 + 5 + 2 cases
+        for g, at in enumerate(range(0, len(cases), 5)):
+            alone = evaluate(model, tok, cases[at:at + 5], batch_size=7, **extra)
+            assert "by_group" not in alone
+            assert {k: whole["by_group"][g][k] for k in main} == pytest.approx({k: alone[k] for k in main}, abs=1e-6)
+
+
 def test_perplexity_is_deterministic_and_matches_full_logits():
     model, tok = tiny_model("gemma3", seed=4)
     text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. " * 3

@@ -1,7 +1,8 @@
 """``editfleet bench``: N sequential edits in batches, the paper's evaluation before and after.
 
 Prints a table and writes the same figures as JSON (keys ``pre``, ``post``, ``timing``,
-``peak_rss_mb``, ``config``, plus projector and target-optimisation summaries, and
+``peak_rss_mb``, ``config``, plus projector and target-optimisation summaries, ``pre.by_batch``
+and ``post.by_batch`` (efficacy, generalization, specificity of each batch's cases), and
 ``perplexity_by_batch`` with ``--track-perplexity``), so runs can be compared and quoted in
 docs/benchmarks.md. ``--save-state`` keeps the edited model as the editor's state (low-rank
 deltas per batch) for later analysis.
@@ -83,14 +84,17 @@ def _cases(args):
 def _evaluate(args, model, tok, cases) -> dict[str, Any]:
     from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
 
+    # Per batch as well: after a sequential stream, the first batches' figures say how well the
+    # early edits held up under the later ones.
     if args.dataset == "counterfact":
-        scores = evaluate_counterfact(model, tok, cases, fluency_cases=args.fluency_cases)
+        scores = evaluate_counterfact(model, tok, cases, fluency_cases=args.fluency_cases, group=args.batch)
     else:
-        scores = evaluate_zsre(model, tok, cases)
+        scores = evaluate_zsre(model, tok, cases, group=args.batch)
         from editfleet.workers.evaluation.fluency import fluency, greedy_generate
 
         prompts = [p for c in cases[: args.fluency_cases] for p in c.rewrite_prompts]
         scores["fluency"] = fluency(greedy_generate(model, tok, prompts)) if prompts else None
+    scores["by_batch"] = scores.pop("by_group")
     ppl = perplexity(model, tok)
     scores["perplexity"] = ppl["perplexity"]
     scores["wikitext_nll"] = ppl["nll"]
@@ -192,6 +196,9 @@ def table(report: dict[str, Any]) -> str:
         pre, post = report["pre"].get(k), report["post"].get(k)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"{k:<22}{fmt(pre):>10}{fmt(post):>10}")
+    lines.append("post-edit by batch (efficacy / generalization / specificity): " + "; ".join(
+        f"{b + 1}: {g['efficacy']:.3f} / {g['generalization']:.3f} / {g['specificity']:.3f}"
+        for b, g in enumerate(report["post"]["by_batch"])))
     t = report["timing"]
     lines.append("timing: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
     lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB; targets: mean p {report['targets']['mean_prob']:.3f}, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,9 +52,21 @@ def _score_kinds(model: nn.Module, tok, cases: Sequence[EvalCase], targets_for: 
     return out
 
 
+def _by_group(cases: Sequence[EvalCase], scores: dict[str, list[list[list[TargetScore]]]], group: int | None,
+              metrics: dict[str, tuple[str, Callable[[Sequence[TargetScore]], float]]]) -> list[dict[str, float]]:
+    """The metrics again per run of ``group`` consecutive cases (one per batch of a sequential
+    stream: the first group's figures after the whole stream say how well early edits held)."""
+    if group is None:
+        return []
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    return [{name: _case_means(cases[at:at + group], scores[kind][at:at + group], value)
+             for name, (kind, value) in metrics.items()} for at in range(0, len(cases), group)]
+
+
 def evaluate_counterfact(model: nn.Module, tok, cases: Sequence[EvalCase], batch_size: int = 32,
                          fluency_cases: int | None = 100, gen_tokens: int = 48,
-                         gen_batch_size: int = 128) -> dict[str, float | int | None]:
+                         gen_batch_size: int = 128, group: int | None = None) -> dict[str, Any]:
     """CounterFact efficacy / generalization / specificity (+ top-1 variants) and fluency.
 
     NLL comparisons use mean token NLL of ``target_new`` vs ``target_true`` (neighbourhood
@@ -64,6 +76,8 @@ def evaluate_counterfact(model: nn.Module, tok, cases: Sequence[EvalCase], batch
     first ``fluency_cases`` cases (None: all cases; 0: not measured, reported as None).
     ``batch_size`` counts prompts per scoring pass; generation runs ``gen_batch_size`` rows per
     step (one token per row per step: wide batches mean fewer, better-filled matrix products).
+    ``group``: also report efficacy, generalization and specificity per run of that many
+    consecutive cases, as ``by_group`` (a list).
     """
     if not cases:
         raise ValueError("no cases to evaluate")
@@ -77,16 +91,18 @@ def evaluate_counterfact(model: nn.Module, tok, cases: Sequence[EvalCase], batch
     scores = _score_kinds(model, tok, cases, targets_for, batch_size)
     new_wins = lambda s: float(s[0].nll < s[1].nll)  # noqa: E731
     true_wins = lambda s: float(s[1].nll < s[0].nll)  # noqa: E731
-    result: dict[str, float | int | None] = {
-        "efficacy": _case_means(cases, scores["rewrite"], new_wins),
-        "generalization": _case_means(cases, scores["paraphrase"], new_wins),
-        "specificity": _case_means(cases, scores["neighborhood"], true_wins),
+    main = {"efficacy": ("rewrite", new_wins), "generalization": ("paraphrase", new_wins),
+            "specificity": ("neighborhood", true_wins)}
+    result: dict[str, Any] = {
+        **{name: _case_means(cases, scores[kind], value) for name, (kind, value) in main.items()},
         "efficacy_top1": _case_means(cases, scores["rewrite"], lambda s: float(s[0].top1)),
         "generalization_top1": _case_means(cases, scores["paraphrase"], lambda s: float(s[0].top1)),
         "specificity_top1": _case_means(cases, scores["neighborhood"], lambda s: float(s[1].top1)),
         "fluency": None,
         "n_cases": len(cases),
     }
+    if group is not None:
+        result["by_group"] = _by_group(cases, scores, group, main)
     chosen = cases if fluency_cases is None else cases[:fluency_cases]
     prompts = [p for case in chosen for p in case.rewrite_prompts]
     if prompts:
@@ -94,10 +110,11 @@ def evaluate_counterfact(model: nn.Module, tok, cases: Sequence[EvalCase], batch
     return result
 
 
-def evaluate_zsre(model: nn.Module, tok, cases: Sequence[EvalCase], batch_size: int = 32) -> dict[str, float | int]:
+def evaluate_zsre(model: nn.Module, tok, cases: Sequence[EvalCase], batch_size: int = 32,
+                  group: int | None = None) -> dict[str, Any]:
     """zsRE: mean teacher-forced per-token top-1 accuracy of ``target_new`` on the question
     (efficacy) and its rephrasing (generalization), and of ``loc_ans`` on the unrelated
-    question (specificity)."""
+    question (specificity); ``group`` as in ``evaluate_counterfact``."""
     if not cases:
         raise ValueError("no cases to evaluate")
 
@@ -106,12 +123,13 @@ def evaluate_zsre(model: nn.Module, tok, cases: Sequence[EvalCase], batch_size: 
 
     scores = _score_kinds(model, tok, cases, targets_for, batch_size)
     accuracy = lambda s: s[0].token_accuracy  # noqa: E731
-    return {
-        "efficacy": _case_means(cases, scores["rewrite"], accuracy),
-        "generalization": _case_means(cases, scores["paraphrase"], accuracy),
-        "specificity": _case_means(cases, scores["neighborhood"], accuracy),
-        "n_cases": len(cases),
-    }
+    main = {"efficacy": ("rewrite", accuracy), "generalization": ("paraphrase", accuracy),
+            "specificity": ("neighborhood", accuracy)}
+    result: dict[str, Any] = {name: _case_means(cases, scores[kind], value) for name, (kind, value) in main.items()}
+    result["n_cases"] = len(cases)
+    if group is not None:
+        result["by_group"] = _by_group(cases, scores, group, main)
+    return result
 
 
 def _first_tokens(tok, text: str, max_tokens: int) -> list[int]:
