@@ -118,6 +118,22 @@ def test_null_moment_weight_steers_a_leaky_null_space_to_quiet_directions(tmp_pa
     assert gap[100.0] < 0.3, gap
 
 
+def test_memory_weight_keeps_earlier_edits_in_place(tmp_path, corpus):
+    """A heavier K_p term makes a later batch move the values of an earlier batch's keys less,
+    while the later batch still lands."""
+    moved, gap = {}, {}
+    for weight in (1.0, 100.0):
+        editor = make_editor(tmp_path, corpus, memory_weight=weight)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        first = editor.apply(REQUESTS[:2])
+        second = editor.apply(REQUESTS[2:])
+        moved[weight] = max(float((u @ (v.T @ first.keys[i])).norm() / (editor.adapter.weight(editor.model, i) @ first.keys[i]).norm())
+                            for i, (u, v) in second.deltas.items())
+        gap[weight] = max(second.value_gap)
+    assert moved[100.0] < 0.5 * moved[1.0], moved
+    assert gap[100.0] < 0.3, gap
+
+
 def test_memit_moves_preserved_outputs(tmp_path, corpus):
     editor = make_editor(tmp_path, corpus, method="memit", mom2_update_weight=1.0)
     keys = preserved_keys(editor, corpus)

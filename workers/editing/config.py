@@ -44,6 +44,8 @@ class EditConfig:
             preserved key energy; weighting them by that energy steers the update to the quietest
             ones, as MEMIT does over the whole space.
         sequential_memory: accumulate the keys of earlier batches (K_p) into the solve.
+        memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
+            own keys, so a new batch may move earlier edits' values as much as it misses its own).
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).
@@ -74,6 +76,7 @@ class EditConfig:
     mom2_update_weight: float = 15000.0
     null_moment_weight: float = 0.0
     sequential_memory: bool = True
+    memory_weight: float = 1.0
     stats_tokens: int = 100_000
     stats_max_length: int = 256
     stats_batch_size: int = 8
@@ -94,6 +97,8 @@ class EditConfig:
             raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
+        if self.memory_weight < 0:
+            raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
         if self.null_moment_weight < 0:
             raise ValueError(f"null_moment_weight must be >= 0, got {self.null_moment_weight}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):

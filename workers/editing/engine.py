@@ -264,6 +264,7 @@ class Editor:
                 memory=self.memory[layer] if cfg.sequential_memory else None,
                 moment=stats[layer].moment if stats else None,
                 moment_weight=cfg.null_moment_weight if projectors else cfg.mom2_update_weight,
+                memory_weight=cfg.memory_weight,
                 alpha=cfg.alpha if projectors else 0.0, dtype=dtype,
             )
             delta = u @ v.T

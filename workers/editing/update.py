@@ -1,9 +1,10 @@
 """The constrained weight update (ALGORITHM.md section 3), one code path for AlphaEdit and MEMIT.
 
-    A = P (lambda C + K_p K_p^T + K1 K1^T) + alpha I,   V = A^-1 P K1,   Delta = R V^T
+    A = P (lambda C + mu K_p K_p^T + K1 K1^T) + alpha I,   V = A^-1 P K1,   Delta = R V^T
 
 AlphaEdit: P is the null-space projector, lambda = ``null_moment_weight`` (0 in the paper),
-alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no sequential memory. The update is returned as
+mu = ``memory_weight`` (1 in the paper), alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no
+sequential memory. The update is returned as
 thin factors (U = R, V): its rank is at most the batch size, so checkpoints store two small
 matrices instead of a dense delta.
 """
@@ -15,14 +16,14 @@ import torch
 
 def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Tensor | None,
                  memory: torch.Tensor | None, moment: torch.Tensor | None, moment_weight: float,
-                 alpha: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                 alpha: float, memory_weight: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank factors (U (d_model, n), V (d_ff, n)) with Delta = U @ V.T.
 
     Args:
         keys: K1, (d_ff, n) keys of the batch on the current model.
         resid: R, (d_model, n) value change wanted at this layer.
         projector: P (d_ff, d_ff) or None for the identity.
-        memory: K_p K_p^T of earlier batches or None.
+        memory: K_p K_p^T of earlier batches or None; weighted by ``memory_weight``.
         moment: the preserved second moment C or None; weighted by ``moment_weight``.
         alpha: ridge term.
         dtype: solve precision (float32 or float64); factors are returned in float32.
@@ -30,7 +31,7 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Te
     k = keys.to(dtype)
     a = k @ k.T
     if memory is not None:
-        a += memory.to(dtype)
+        a += memory_weight * memory.to(dtype)
     if moment is not None:
         a += moment_weight * moment.to(dtype)
     rhs = k
