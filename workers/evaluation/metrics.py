@@ -52,12 +52,10 @@ def _score_kinds(model: nn.Module, tok, cases: Sequence[EvalCase], targets_for: 
     return out
 
 
-def _by_group(cases: Sequence[EvalCase], scores: dict[str, list[list[list[TargetScore]]]], group: int | None,
+def _by_group(cases: Sequence[EvalCase], scores: dict[str, list[list[list[TargetScore]]]], group: int,
               metrics: dict[str, tuple[str, Callable[[Sequence[TargetScore]], float]]]) -> list[dict[str, float]]:
     """The metrics again per run of ``group`` consecutive cases (one per batch of a sequential
     stream: the first group's figures after the whole stream say how well early edits held)."""
-    if group is None:
-        return []
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
     return [{name: _case_means(cases[at:at + group], scores[kind][at:at + group], value)
