@@ -14,7 +14,8 @@ from editfleet.workers.editing.batching import length_groups
 from editfleet.workers.editing.config import default_config
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
-from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
+from editfleet.workers.editing import runner as runner_module
+from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, add_at_projection, capture_projection
 from editfleet.workers.editing.statistics import params_digest, token_sequences
 from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
@@ -57,6 +58,39 @@ def value_at_subject(editor: Editor, requests) -> torch.Tensor:
                          stop=editor.config.layers[-1])
     with torch.no_grad():
         return runner.run()[torch.arange(rows.size), rows.subject_pos]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_subject_replay_in_groups_and_from_the_changed_layer_equals_a_full_pass(tmp_path, corpus, family, monkeypatch):
+    """The update's replay (length groups, replaying only from the lowest changed layer) reads
+    the same keys, values and last-layer outputs as one padded pass of the whole model."""
+    editor = make_editor(tmp_path, corpus, family, layers=(1, 2, 3))
+    layers = list(editor.config.layers)
+    rows = context_rows(editor.tokenizer, REQUESTS, ["{}", "Once upon a time in a land far away. {}", "Well. {}"])
+
+    def full_pass():
+        runner = LayerRunner(editor.model, editor.adapter, rows.input_ids, rows.attention_mask, start=0, stop=layers[-1])
+        with capture_projection(editor.model, editor.adapter, layers, outputs=True) as seen, torch.no_grad():
+            h = runner.run()
+        at = (torch.arange(rows.size), rows.subject_pos)
+        return {i: seen["in"][i][at] for i in layers}, {i: seen["out"][i][at] for i in layers}, h[at]
+
+    monkeypatch.setattr(runner_module, "GROUP_COST", 0)  # split by length even on this small batch
+    replay = SubjectReplay(editor.model, editor.adapter, rows, layers)
+    assert len(replay.members) > 1
+    gen = torch.Generator().manual_seed(0)
+    for layer in [None, 2, 1, 3]:  # nothing changed yet, then single layers in an update's order
+        if layer is not None:
+            w = editor.adapter.weight(editor.model, layer)
+            editor.adapter.add_delta(editor.model, layer, 0.5 * w.norm() / w.numel() ** 0.5
+                                     * torch.randn(w.shape, generator=gen))
+            replay.changed(layer)
+        replay.refresh()
+        keys, values, hidden = full_pass()
+        for i in layers:
+            torch.testing.assert_close(replay.keys[i], keys[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(replay.values[i], values[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(replay.hidden, hidden, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])

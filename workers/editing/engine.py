@@ -24,7 +24,7 @@ from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
                                                 parse_requests)
-from editfleet.workers.editing.runner import LayerRunner, capture_projection
+from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (LayerStats, StatsCache, compute_second_moments,
                                                   file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
@@ -206,16 +206,18 @@ class Editor:
             # One recording pass serves the per-layer updates and the final keys: the layers below
             # the first edited one never change, so their output is replayed from a cache.
             rows = context_rows(tok, requests, self.contexts)
-            runner = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=cfg.layers[0],
-                                 stop=cfg.layers[-1])
-            deltas, start_values = self._update(rows, runner, targets.z, projectors, stats, progress)
+            replay = SubjectReplay(model, adapter, rows, cfg.layers)
+            deltas, start_values = self._update(rows, replay, targets.z, projectors, stats, progress)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
             # replay does (one U @ V^T per layer on the weights before the batch), so a
             # checkpoint rebuilt from its factors is bitwise the model that made it.
             self._set_weights(snapshot)
             for i, (u, v) in deltas.items():
                 adapter.add_delta(model, i, u @ v.T)
-            keys, end_values = self._keys(rows, runner)
+            replay.changed(cfg.layers[0])
+            replay.refresh()
+            keys = {i: self._batch_keys(replay.keys[i], rows) for i in cfg.layers}
+            end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts))]
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
             self._set_weights(snapshot)
@@ -229,7 +231,7 @@ class Editor:
                                       / (start_values - targets.z).norm(dim=-1).clamp_min(1e-12)).tolist(),
                            timings=timings)
 
-    def _update(self, rows: Rows, runner: LayerRunner, z: torch.Tensor, projectors: dict | None,
+    def _update(self, rows: Rows, replay: SubjectReplay, z: torch.Tensor, projectors: dict | None,
                 stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
         the remaining layers, mapped to this projection's output and solved for; repeated for
@@ -247,16 +249,15 @@ class Editor:
         for step in range(steps):
             i = step % len(cfg.layers)
             layer = cfg.layers[i]
-            with capture_projection(model, adapter, [layer], outputs=True) as seen, torch.no_grad():
-                h = runner.run()
-            keys = self._batch_keys(seen["in"][layer], rows)
-            h_now = h[bare, rows.subject_pos[bare]]
+            replay.refresh()
+            keys = self._batch_keys(replay.keys[layer], rows)
+            h_now = replay.hidden[bare]
             if start is None:
                 start = h_now
             r = ((z - h_now) / (len(cfg.layers) - i))[rows.owner[at]]
             norm = adapter.post_norm_module(model, layer)
             if norm is not None:
-                value = seen["out"][layer][at, rows.subject_pos[at]]
+                value = replay.values[layer][at]
                 with torch.no_grad():
                     r = adapter.invert_post_norm(norm, norm(value) + r, value) - value
             u, v = solve_update(
@@ -271,6 +272,7 @@ class Editor:
             if not torch.isfinite(delta).all():
                 raise FloatingPointError(f"the update of layer {layer} is not finite; nothing was applied")
             adapter.add_delta(model, layer, delta)
+            replay.changed(layer)
             factors[layer].append((u, v))
             if progress:
                 progress("layer", step + 1, steps)
@@ -278,19 +280,9 @@ class Editor:
                   for layer, fs in factors.items()}
         return deltas, start
 
-    def _keys(self, rows: Rows, runner: LayerRunner) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Keys of the batch at every edited layer on the current (edited) model, (d_ff, m) each,
-        and the last edited layer's values at the subjects (bare prompt)."""
-        layers = list(self.config.layers)
-        with capture_projection(self.model, self.adapter, layers) as seen, torch.no_grad():
-            h = runner.run()
-        bare = torch.arange(0, rows.size, len(self.contexts))
-        return {i: self._batch_keys(seen["in"][i], rows) for i in layers}, h[bare, rows.subject_pos[bare]]
-
-    def _batch_keys(self, inputs: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Keys at the subject's last token, averaged over each request's contexts, (d_ff, n),
-        or one per row, (d_ff, rows), as ``key_contexts`` says."""
-        at = inputs[torch.arange(rows.size), rows.subject_pos].to(torch.float32)
+    def _batch_keys(self, at: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Keys (``at``: one per row, at the subject's last token) averaged over each request's
+        contexts, (d_ff, n), or one per row, (d_ff, rows), as ``key_contexts`` says."""
         if self.config.key_contexts == "each":
             return at.T.contiguous()
         n = int(rows.owner.max()) + 1

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editfleet.workers.editing.batching import Rows, length_groups, prompt_rows, target_ids
+from editfleet.workers.editing.batching import GROUP_COST, MAX_GROUPS, Rows, length_groups, prompt_rows, target_ids
 from editfleet.workers.editing.config import EditConfig
 from editfleet.workers.editing.requests import EditRequest
 from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
@@ -33,11 +33,6 @@ from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import head_logits
 
 KL_PROMPT = "{} is a"
-# Length groups of a batch (each padded to its own longest row; see batching.length_groups):
-# at most 4, and a group must save more padded tokens than this to be split off (measured on
-# smollm2: splitting a single request's four rows made the per-request loop 1.6x slower).
-MAX_GROUPS = 4
-GROUP_COST = 256
 # Rows per replayed chunk of a group: each chunk's graph is freed after its backward, so this, not
 # the batch size, bounds the optimisation's memory.
 CHUNK_ROWS = 64
