@@ -203,8 +203,9 @@ class Editor:
             targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
             timings["targets_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            # One recording pass serves the per-layer updates and the final keys: the layers below
-            # the first edited one never change, so their output is replayed from a cache.
+            # One recording pass per length group serves the per-layer updates and the final keys:
+            # the layers below the first edited one never change, so their output is replayed from
+            # a cache.
             rows = context_rows(tok, requests, self.contexts)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             deltas, start_values = self._update(rows, replay, targets.z, projectors, stats, progress)
