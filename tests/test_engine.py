@@ -261,8 +261,9 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 """
 
 
-def test_save_load_resume_matches_one_process(tmp_path, corpus):
-    editor = make_editor(tmp_path, corpus)
+@pytest.mark.parametrize("earlier_edits", ["keys", "targets"])
+def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits):
+    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits)
     editor.apply(REQUESTS[0:1])
     editor.apply(REQUESTS[1:2])
     editor.save_state(tmp_path / "state")
@@ -277,6 +278,23 @@ def test_save_load_resume_matches_one_process(tmp_path, corpus):
         assert torch.equal(resumed[i], w) or torch.allclose(resumed[i], w, rtol=1e-6, atol=0), i
     meta = json.loads((tmp_path / "state" / "state.json").read_text())
     assert meta["batches"] == 2 and meta["config"]["layers"] == list(editor.config.layers)
+
+
+def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_path, corpus):
+    """A second batch moves the first batch's subject keys (its lower layers changed); K_p holds
+    the keys as stored, so the first edits drift from their target values; with
+    ``earlier_edits="targets"`` they rejoin the update and stay on target."""
+    drift = {}
+    for mode in ("keys", "targets"):
+        editor = make_editor(tmp_path, corpus, earlier_edits=mode)
+        first = editor.apply(REQUESTS[0:2])
+        on_target = (value_at_subject(editor, REQUESTS[0:2]) - first.z).norm(dim=-1)
+        editor.apply(REQUESTS[2:4])
+        drift[mode] = (value_at_subject(editor, REQUESTS[0:2]) - first.z).norm(dim=-1)
+        assert float(on_target.max()) < 0.01 * float(first.z.norm(dim=-1).min()), on_target
+        memory = sum(float(m.abs().sum()) for m in editor.memory.values())
+        assert (memory == 0) == (mode == "targets")  # rejoining batches stay out of K_p
+    assert float(drift["targets"].max()) < 0.1 * float(drift["keys"].min()), drift
 
 
 def test_replay_and_restore_base(tmp_path, corpus):

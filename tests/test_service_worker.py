@@ -68,6 +68,8 @@ def test_edit_streams_progress_and_writes_a_checkpoint(chain, parts):
     # Low rank: one column per edit and update pass; one key per edit.
     rank = FAST_ENGINE["update_rounds"]
     assert tensors["U"].shape == (64, rank) and tensors["V"].shape == (192, rank) and tensors["K"].shape == (192, 1)
+    targets = load_file(parts["root"] / "store" / "models" / "tiny" / "checkpoints" / first["checkpoint"] / "targets.safetensors")
+    assert targets["Z"].shape == (1, 64) and record.meta["target_layer"] == FAST_ENGINE["layers"][-1]
 
 
 def test_the_edit_shows_in_queries(chain):
@@ -105,6 +107,28 @@ def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, 
         warm, cold = load_file(parts["root"] / "store" / name), load_file(copy / name)
         for key in ("U", "V", "K"):
             torch.testing.assert_close(cold[key], warm[key], rtol=1e-4, atol=1e-6)
+
+
+def test_earlier_edits_by_target_continue_identically_in_a_fresh_worker(parts):
+    """With ``earlier_edits="targets"`` the stored requests and target values rejoin each later
+    update: a worker rebuilding the chain from the store computes the same next checkpoint."""
+    options = {"earlier_edits": "targets"}
+    warm = _executor(parts, parts["root"] / "store-targets")
+    _, first = _run(warm, BASE, [EIFFEL], options=options)
+    _, second = _run(warm, first["checkpoint"], [LOUVRE], options=options)
+    shutil.copytree(parts["root"] / "store-targets", parts["root"] / "store-targets-copy")
+    fresh = _executor(parts, parts["root"] / "store-targets-copy")
+    _, warm_third = _run(warm, second["checkpoint"], [GOLD], options=options)
+    _, fresh_third = _run(fresh, second["checkpoint"], [GOLD], options=options)
+    assert warm_third["checkpoint"] == fresh_third["checkpoint"] and not fresh_third["reused"]
+    for layer in FAST_ENGINE["layers"]:
+        name = f"models/tiny/checkpoints/{warm_third['checkpoint']}/layer{layer:03d}.safetensors"
+        a, b = load_file(parts["root"] / "store-targets" / name), load_file(parts["root"] / "store-targets-copy" / name)
+        for key in ("U", "V", "K"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # Each later batch solved for the earlier requests too: one factor column per request and pass.
+    rank = load_file(parts["root"] / "store-targets" / name)["U"].shape[1]
+    assert rank == 3 * FAST_ENGINE["update_rounds"]
 
 
 def test_refused_edits_change_nothing(chain):

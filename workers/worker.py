@@ -133,7 +133,9 @@ class EditWorker:
         own = set(editor.config.layers)
         for record in chain:
             deltas, keys = self._load_batch(record)
-            editor.replay({i: d for i, d in deltas.items() if i in own}, {i: k for i, k in keys.items() if i in own})
+            requests, z, z_layer = self._load_targets(record)
+            editor.replay({i: d for i, d in deltas.items() if i in own}, {i: k for i, k in keys.items() if i in own},
+                          requests, z, z_layer)
             for i, (u, v) in deltas.items():
                 if i not in own:
                     self.adapter.add_delta(self.model, i, u @ v.T)
@@ -145,6 +147,14 @@ class EditWorker:
             t = load_tensors(self.store.read_artifact(self.name, record.id, _layer_file(layer)))
             deltas[layer], keys[layer] = (t["U"], t["V"]), t["K"]
         return deltas, keys
+
+    def _load_targets(self, record: CheckpointRecord) -> tuple[list[EditRequest] | None, torch.Tensor | None, int | None]:
+        """The batch's requests and target values, for ``earlier_edits="targets"`` (None when
+        the checkpoint was written without them)."""
+        if TARGETS_FILE not in record.artifacts:
+            return None, None, None
+        z = load_tensors(self.store.read_artifact(self.name, record.id, TARGETS_FILE))["Z"]
+        return parse_requests(record.meta["edits"]), z, int(record.meta["target_layer"])
 
     # -- editing --------------------------------------------------------------------------------
 
@@ -185,9 +195,10 @@ class EditWorker:
         files = {_layer_file(i): save_tensors({"U": u.contiguous(), "V": v.contiguous(),
                                                "K": result.keys[i].contiguous()})
                  for i, (u, v) in result.deltas.items()}
+        files[TARGETS_FILE] = save_tensors({"Z": result.z.contiguous()})
         meta = {"parent": parent, "edits": [dataclasses.asdict(r) for r in requests], "method": method,
                 "engine_settings": config.to_dict(), "engine_version": ENGINE_VERSION, "scores": scores,
-                "layers": sorted(result.deltas), "timings": result.timings}
+                "layers": sorted(result.deltas), "target_layer": config.layers[-1], "timings": result.timings}
         self.store.write_checkpoint(self.name, ckpt, meta, files)
         self._state = (ckpt, _config_key(config))
         yield {"kind": "result", "checkpoint": ckpt, "reused": False, "scores": scores}
@@ -289,6 +300,11 @@ class EditWorker:
 
 def _config_key(config: EditConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+# The batch's target values at its last edited layer (requests x d_model), which a later batch
+# with ``earlier_edits="targets"`` pulls the batch's requests back to.
+TARGETS_FILE = "targets.safetensors"
 
 
 def _layer_file(layer: int) -> str:

@@ -43,7 +43,13 @@ class EditConfig:
             below the threshold equally free, yet on small models they still carry 5-17% of the
             preserved key energy; weighting them by that energy steers the update to the quietest
             ones, as MEMIT does over the whole space.
-        sequential_memory: accumulate the keys of earlier batches (K_p) into the solve.
+        sequential_memory: earlier batches take part in each new batch's solve (without it, a
+            new batch may undo them).
+        earlier_edits: how they take part. ``keys``: the paper's K_p, the earlier edits' keys as
+            stored, whose outputs the update keeps where they were. ``targets``: every earlier
+            request rejoins the update with its stored target value and its keys recomputed on
+            the current model, so an edit whose subject keys drifted under later batches is
+            pulled back to its target (the update's cost then grows with every edit so far).
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
@@ -76,6 +82,7 @@ class EditConfig:
     mom2_update_weight: float = 15000.0
     null_moment_weight: float = 0.0
     sequential_memory: bool = True
+    earlier_edits: Literal["keys", "targets"] = "keys"
     memory_weight: float = 1.0
     stats_tokens: int = 100_000
     stats_max_length: int = 256
@@ -93,6 +100,8 @@ class EditConfig:
             raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
         if self.key_contexts not in ("mean", "each"):
             raise ValueError(f"key_contexts must be mean or each, got {self.key_contexts!r}")
+        if self.earlier_edits not in ("keys", "targets"):
+            raise ValueError(f"earlier_edits must be keys or targets, got {self.earlier_edits!r}")
         if self.target_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:

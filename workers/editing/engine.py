@@ -7,6 +7,7 @@ sequential-editing memory K_p. A batch is applied whole or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -46,7 +47,19 @@ class BatchResult:
     target_steps: list[int]          # per request, optimisation steps taken
     value_gap: list[float]           # per request, ||h - z|| / ||h0 - z|| at the last edited layer after
                                      # the update (0: the weights reproduce the target value exactly)
+    z: torch.Tensor                  # (requests, d_model) target values at the last edited layer
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StoredBatch:
+    """An applied batch as the editing state keeps it."""
+
+    deltas: LowRank
+    keys: dict[int, torch.Tensor]
+    requests: list[EditRequest] | None = None   # with ``z``: lets the batch rejoin later updates
+    z: torch.Tensor | None = None               # (requests, d_model) target values at ``z_layer``
+    z_layer: int | None = None
 
 
 def default_corpus() -> list[Path]:
@@ -86,8 +99,9 @@ class Editor:
         self.cache = StatsCache(Path(cache_dir))
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
         self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
+        # K_p K_p^T per layer: the keys of earlier batches that do not rejoin updates by target.
         self.memory = {i: torch.zeros(w.shape[1], w.shape[1]) for i, w in self._base.items()}
-        self.history: list[tuple[LowRank, dict[int, torch.Tensor]]] = []
+        self.history: list[StoredBatch] = []
         self.contexts: list[str] | None = None
         self._stats: dict[int, LayerStats] | None = None
         self._projectors: dict[int, torch.Tensor] | None = None
@@ -206,9 +220,12 @@ class Editor:
             # One recording pass per length group serves the per-layer updates and the final keys:
             # the layers below the first edited one never change, so their output is replayed from
             # a cache.
-            rows = context_rows(tok, requests, self.contexts)
+            rejoin = self._rejoining()
+            earlier = [r for b in rejoin for r in b.requests]
+            rows = context_rows(tok, earlier + requests, self.contexts)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
-            deltas, start_values = self._update(rows, replay, targets.z, projectors, stats, progress)
+            z = torch.cat([b.z for b in rejoin] + [targets.z])
+            deltas, start_values = self._update(rows, replay, z, projectors, stats, progress)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
             # replay does (one U @ V^T per layer on the weights before the batch), so a
             # checkpoint rebuilt from its factors is bitwise the model that made it.
@@ -217,20 +234,23 @@ class Editor:
                 adapter.add_delta(model, i, u @ v.T)
             replay.changed(cfg.layers[0])
             replay.refresh()
-            keys = {i: self._batch_keys(replay.keys[i], rows) for i in cfg.layers}
-            end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts))]
+            # This batch's own columns: its requests follow the rejoining earlier ones.
+            first = len(earlier) * (len(self.contexts) if cfg.key_contexts == "each" else 1)
+            keys = {i: self._batch_keys(replay.keys[i], rows)[:, first:].contiguous() for i in cfg.layers}
+            end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts))][len(earlier):]
+            start_values = start_values[len(earlier):]
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
             self._set_weights(snapshot)
             raise
-        self._remember(deltas, keys)
+        self._remember(StoredBatch(deltas, keys, list(requests), targets.z, cfg.layers[-1]))
         if progress:
             progress("done", len(requests), len(requests))
         return BatchResult(deltas=deltas, keys=keys, target_prob=[float(torch.exp(torch.tensor(-x))) for x in targets.nll],
                            target_steps=targets.steps,
                            value_gap=((end_values - targets.z).norm(dim=-1)
                                       / (start_values - targets.z).norm(dim=-1).clamp_min(1e-12)).tolist(),
-                           timings=timings)
+                           z=targets.z, timings=timings)
 
     def _update(self, rows: Rows, replay: SubjectReplay, z: torch.Tensor, projectors: dict | None,
                 stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
@@ -292,16 +312,30 @@ class Editor:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _remember(self, deltas: LowRank, keys: dict[int, torch.Tensor]) -> None:
-        for i, k in keys.items():
-            self.memory[i] += k @ k.T
-        self.history.append((deltas, keys))
+    def _rejoins(self, batch: StoredBatch) -> bool:
+        """Whether ``batch`` takes part in later updates by its targets rather than in K_p."""
+        cfg = self.config
+        return (cfg.sequential_memory and cfg.earlier_edits == "targets" and batch.z is not None
+                and batch.requests is not None and batch.z_layer == cfg.layers[-1])
 
-    def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor]) -> None:
-        """Re-apply a stored batch: its deltas to the weights and its keys to K_p."""
+    def _rejoining(self) -> list[StoredBatch]:
+        return [b for b in self.history if self._rejoins(b)]
+
+    def _remember(self, batch: StoredBatch) -> None:
+        if not self._rejoins(batch):
+            for i, k in batch.keys.items():
+                self.memory[i] += k @ k.T
+        self.history.append(batch)
+
+    def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor], requests: Sequence[EditRequest] | None = None,
+               z: torch.Tensor | None = None, z_layer: int | None = None) -> None:
+        """Re-apply a stored batch: its deltas to the weights; its keys to K_p, or, with
+        ``earlier_edits="targets"``, its requests and target values (``z`` at ``z_layer``) to
+        the updates to come (a batch stored without them, or with targets at another layer, falls
+        back to K_p)."""
         for i, (u, v) in deltas.items():
             self.adapter.add_delta(self.model, i, u @ v.T)
-        self._remember(deltas, keys)
+        self._remember(StoredBatch(deltas, keys, list(requests) if requests is not None else None, z, z_layer))
 
     def restore_base(self) -> None:
         """Back to the base weights with an empty editing memory."""
@@ -330,13 +364,18 @@ class Editor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"memory.{i}": m for i, m in self.memory.items()}
-        for b, (deltas, keys) in enumerate(self.history):
-            for i, (u, v) in deltas.items():
+        requests = []
+        for b, batch in enumerate(self.history):
+            for i, (u, v) in batch.deltas.items():
                 tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"] = u, v
-                tensors[f"batch{b}.{i}.K"] = keys[i]
+                tensors[f"batch{b}.{i}.K"] = batch.keys[i]
+            if batch.z is not None:
+                tensors[f"batch{b}.Z"] = batch.z
+            requests.append({"z_layer": batch.z_layer,
+                             "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
         meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
-                "batches": len(self.history)}
+                "batches": len(self.history), "batch_requests": requests}
         (folder / "state.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -356,7 +395,9 @@ class Editor:
             keys = {i: tensors[f"batch{b}.{i}.K"] for i in editor.config.layers}
             for i, (u, v) in deltas.items():
                 editor.adapter.add_delta(model, i, u @ v.T)
-            editor.history.append((deltas, keys))
+            stored = meta.get("batch_requests", [{}] * meta["batches"])[b]  # older states: keys only
+            requests = parse_requests(stored["requests"]) if stored.get("requests") else None
+            editor.history.append(StoredBatch(deltas, keys, requests, tensors.get(f"batch{b}.Z"), stored.get("z_layer")))
         for i in editor.config.layers:
             editor.memory[i] = tensors[f"memory.{i}"].clone()
         return editor
