@@ -83,7 +83,7 @@ def test_submit_watch_checkpoint_query_rollback(service):
     assert ckpt.head and ckpt.parent == "models/llama/checkpoints/base" and ckpt.method == pb.ALPHAEDIT
     assert ckpt.edits[0].subject == "the Eiffel Tower" and ckpt.engine_settings["v_max_steps"] == FAST_ENGINE["v_max_steps"]
     assert {"efficacy", "paraphrase_efficacy"} <= set(ckpt.scores) and len(ckpt.content_digest) == 64
-    assert ckpt.create_time.seconds > 0 and {a.path for a in ckpt.artifacts} == {"layer002.safetensors", "layer003.safetensors"}
+    assert ckpt.create_time.seconds > 0 and {a.path for a in ckpt.artifacts} == {"layer002.safetensors", "layer003.safetensors", "targets.safetensors"}
 
     after = client.query("models/llama", PROMPT, ["Rome", "Paris"])
     assert after.checkpoint == job.checkpoint
