@@ -133,7 +133,8 @@ class EditWorker:
         own = set(editor.config.layers)
         for record in chain:
             deltas, keys = self._load_batch(record)
-            requests, z, z_layer = self._load_targets(record)
+            # Target values matter only to an editor that rejoins earlier batches by them.
+            requests, z, z_layer = self._load_targets(record) if editor.uses_targets else (None, None, None)
             editor.replay({i: d for i, d in deltas.items() if i in own}, {i: k for i, k in keys.items() if i in own},
                           requests, z, z_layer)
             for i, (u, v) in deltas.items():

@@ -312,11 +312,15 @@ class Editor:
 
     # -- state ----------------------------------------------------------------------------------
 
+    @property
+    def uses_targets(self) -> bool:
+        """Whether earlier batches rejoin updates by their stored targets (``earlier_edits``)."""
+        return self.config.sequential_memory and self.config.earlier_edits == "targets"
+
     def _rejoins(self, batch: StoredBatch) -> bool:
         """Whether ``batch`` takes part in later updates by its targets rather than in K_p."""
-        cfg = self.config
-        return (cfg.sequential_memory and cfg.earlier_edits == "targets" and batch.z is not None
-                and batch.requests is not None and batch.z_layer == cfg.layers[-1])
+        return (self.uses_targets and batch.z is not None and batch.requests is not None
+                and batch.z_layer == self.config.layers[-1])
 
     def _rejoining(self) -> list[StoredBatch]:
         return [b for b in self.history if self._rejoins(b)]
