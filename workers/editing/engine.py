@@ -368,18 +368,18 @@ class Editor:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"memory.{i}": m for i, m in self.memory.items()}
-        requests = []
+        batch_meta = []
         for b, batch in enumerate(self.history):
             for i, (u, v) in batch.deltas.items():
                 tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"] = u, v
                 tensors[f"batch{b}.{i}.K"] = batch.keys[i]
             if batch.z is not None:
                 tensors[f"batch{b}.Z"] = batch.z
-            requests.append({"z_layer": batch.z_layer,
-                             "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
+            batch_meta.append({"z_layer": batch.z_layer,
+                               "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
         save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
         meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
-                "batches": len(self.history), "batch_requests": requests}
+                "batches": len(self.history), "batch_requests": batch_meta}
         (folder / "state.json").write_text(json.dumps(meta, indent=2))
         return folder
 
