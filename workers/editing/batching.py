@@ -7,6 +7,7 @@ positions predict the target tokens (teacher forcing).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,10 @@ class Rows:
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "Rows":
+        """The same rows with every tensor on ``device`` (built on the CPU, used where the model is)."""
+        return Rows(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def encode(tokenizer, texts: list[str], subject_ends: list[int], owners: list[int],

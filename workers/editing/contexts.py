@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editfleet.workers.models.forward import final_hidden, head_logits
+from editfleet.workers.models.forward import final_hidden, head_logits, model_device
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
 
@@ -19,18 +19,20 @@ def generate_contexts(model: nn.Module, tokenizer, n: int, tokens: int, seed: in
     """``["{}"]`` followed by ``n`` templates ``"<generated text>. {}"`` (top-k sampling).
 
     A plain loop over a few short sequences: cheaper than ``generate``'s cache set-up, which for
-    Gemma 3 allocates for its whole context window.
+    Gemma 3 allocates for its whole context window. Sampling runs on the CPU (one seeded
+    generator), so a model on a GPU writes the same contexts.
     """
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     out = ["{}"]
     for i in range(n):
-        ids = torch.tensor([tokenizer(STARTS[i % len(STARTS)])["input_ids"]])
+        ids = torch.tensor([tokenizer(STARTS[i % len(STARTS)])["input_ids"]], device=device)
         prompt_len = ids.shape[1]
         for _ in range(tokens):
             logits = head_logits(model, final_hidden(model, ids, torch.ones_like(ids))[:, -1])
             top = logits.topk(top_k, dim=-1)
-            choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
-            ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+            choice = torch.multinomial(top.values.cpu().softmax(-1), 1, generator=generator)
+            ids = torch.cat([ids, top.indices.gather(1, choice.to(device))], dim=1)
         text = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
         text = STARTS[i % len(STARTS)] + text
         text = " ".join(text.replace("{", " ").replace("}", " ").split())

@@ -31,6 +31,7 @@ from editfleet.workers.editing.statistics import (LayerStats, StatsCache, comput
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
+from editfleet.workers.models.forward import model_device
 
 Progress = Callable[[str, int, int], None]
 LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -86,8 +87,10 @@ class Editor:
 
     def __init__(self, model: nn.Module, tokenizer, config: EditConfig, cache_dir: str | Path,
                  corpus: Sequence[str | Path] | None = None):
-        device = next(model.parameters()).device
-        self.model, self.tokenizer, self.config = model, tokenizer, resolve_target_dtype(config, device)
+        # Everything the editor holds (base copies, K_p, projectors, batches) lives on the model's
+        # device; what comes from files is moved there, what goes to files is moved to the CPU.
+        self.device = model_device(model)
+        self.model, self.tokenizer, self.config = model, tokenizer, resolve_target_dtype(config, self.device)
         self.adapter: FamilyAdapter = adapter_for(model)
         n_layers = self.adapter.num_layers(model)
         bad = [i for i in config.layers if not 0 <= i < n_layers]
@@ -100,7 +103,7 @@ class Editor:
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
         self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
         # K_p K_p^T per layer: the keys of earlier batches that do not rejoin updates by target.
-        self.memory = {i: torch.zeros(w.shape[1], w.shape[1]) for i, w in self._base.items()}
+        self.memory = {i: torch.zeros(w.shape[1], w.shape[1], device=self.device) for i, w in self._base.items()}
         self.history: list[StoredBatch] = []
         self.contexts: list[str] | None = None
         self._stats: dict[int, LayerStats] | None = None
@@ -170,7 +173,8 @@ class Editor:
                                                   cfg.stats_tokens, cfg.stats_max_length, cfg.stats_batch_size,
                                                   progress)
 
-            self._stats = self.cache.moments(self._stat_keys, compute)
+            self._stats = {i: LayerStats(s.moment.to(self.device), s.count)
+                           for i, s in self.cache.moments(self._stat_keys, compute).items()}
         return self._stats
 
     def projectors(self, progress: Progress | None = None) -> dict[int, torch.Tensor]:
@@ -185,7 +189,7 @@ class Editor:
                     raise ValueError(f"layer {i}: the preserved keys span every direction (no null space at "
                                      f"threshold {self.config.nullspace_threshold}, energy "
                                      f"{self.config.nullspace_energy}); an AlphaEdit update would be zero")
-                self._projectors[i], self.projector_info[i] = p, info
+                self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
 
     def context_templates(self) -> list[str]:
@@ -222,7 +226,7 @@ class Editor:
             # a cache.
             rejoin = self._rejoining()
             earlier = [r for b in rejoin for r in b.requests]
-            rows = context_rows(tok, earlier + requests, self.contexts)
+            rows = context_rows(tok, earlier + requests, self.contexts).to(self.device)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, progress)
@@ -237,7 +241,7 @@ class Editor:
             # This batch's own columns: its requests follow the rejoining earlier ones.
             first = len(earlier) * (len(self.contexts) if cfg.key_contexts == "each" else 1)
             keys = {i: self._batch_keys(replay.keys[i], rows)[:, first:].contiguous() for i in cfg.layers}
-            end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts))][len(earlier):]
+            end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts), device=self.device)][len(earlier):]
             start_values = start_values[len(earlier):]
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
@@ -260,9 +264,9 @@ class Editor:
         Returns the factors (one column block per pass) and the last layer's values before the
         first update."""
         cfg, model, adapter = self.config, self.model, self.adapter
-        bare = torch.arange(0, rows.size, len(self.contexts))
+        bare = torch.arange(0, rows.size, len(self.contexts), device=self.device)
         # One column per key: per request, or per (request, context) with the same shift.
-        at = bare if cfg.key_contexts == "mean" else torch.arange(rows.size)
+        at = bare if cfg.key_contexts == "mean" else torch.arange(rows.size, device=self.device)
         dtype = torch.float64 if cfg.solve_dtype == "float64" else torch.float32
         factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {layer: [] for layer in cfg.layers}
         start = None
@@ -307,7 +311,7 @@ class Editor:
         if self.config.key_contexts == "each":
             return at.T.contiguous()
         n = int(rows.owner.max()) + 1
-        total = torch.zeros(n, at.shape[1]).index_add(0, rows.owner, at)
+        total = torch.zeros(n, at.shape[1], device=at.device).index_add(0, rows.owner, at)
         return (total / torch.bincount(rows.owner, minlength=n)[:, None]).T.contiguous()
 
     # -- state ----------------------------------------------------------------------------------
@@ -337,9 +341,13 @@ class Editor:
         ``earlier_edits="targets"``, its requests and target values (``z`` at ``z_layer``) to
         the updates to come (a batch stored without them, or with targets at another layer, falls
         back to K_p)."""
+        to = lambda t: t.to(self.device)  # noqa: E731
+        deltas = {i: (to(u), to(v)) for i, (u, v) in deltas.items()}
         for i, (u, v) in deltas.items():
             self.adapter.add_delta(self.model, i, u @ v.T)
-        self._remember(StoredBatch(deltas, keys, list(requests) if requests is not None else None, z, z_layer))
+        self._remember(StoredBatch(deltas, {i: to(k) for i, k in keys.items()},
+                                   list(requests) if requests is not None else None,
+                                   None if z is None else to(z), z_layer))
 
     def restore_base(self) -> None:
         """Back to the base weights with an empty editing memory."""
@@ -377,7 +385,7 @@ class Editor:
                 tensors[f"batch{b}.Z"] = batch.z
             batch_meta.append({"z_layer": batch.z_layer,
                                "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
         meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
                 "batches": len(self.history), "batch_requests": batch_meta}
         (folder / "state.json").write_text(json.dumps(meta, indent=2))
@@ -393,7 +401,7 @@ class Editor:
             raise ValueError(f"state from engine version {meta['engine_version']}, this is {ENGINE_VERSION}")
         editor = cls(model, tokenizer, EditConfig.from_dict(meta["config"]), cache_dir, corpus)
         editor.contexts = meta["contexts"]
-        tensors = load_file(folder / "state.safetensors")
+        tensors = load_file(folder / "state.safetensors", device=str(editor.device))
         for b in range(meta["batches"]):
             deltas = {i: (tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"]) for i in editor.config.layers}
             keys = {i: tensors[f"batch{b}.{i}.K"] for i in editor.config.layers}

@@ -140,7 +140,7 @@ class SubjectReplay:
         start = self._dirty
         ran = [i for i in self.layers if i >= start]
         for g, (member, runner) in enumerate(zip(self.members, self.runners)):
-            at = (torch.arange(len(member)), self.pos[member])
+            at = (torch.arange(len(member), device=member.device), self.pos[member])
             with capture_projection(self.model, self.adapter, ran, inputs=True, outputs=True) as seen:
                 h = runner.run(start=start, hidden=self.inputs[g][start], inputs=self.inputs[g])
             for i in ran:

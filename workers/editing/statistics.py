@@ -27,6 +27,7 @@ from torch import nn
 
 from editfleet.workers.editing.runner import LayerRunner, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
+from editfleet.workers.models.forward import model_device
 
 Progress = Callable[[str, int, int], None]
 
@@ -52,7 +53,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     seen = _TENSOR_DIGESTS.get(id(t))
     if seen is not None and seen[0]() is t and seen[1] == state:
         return seen[2]
-    digest = hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy()).digest()  # in place, no copy
+    digest = hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy()).digest()  # no copy for CPU float32
     key = id(t)
     _TENSOR_DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _TENSOR_DIGESTS.pop(key, None)), state, digest)
     return digest
@@ -128,7 +129,8 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
     last = max(layers)
     dims = {i: adapter.key_dim(model, i) for i in layers}
-    sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32) for i in layers}
+    device = model_device(model)
+    sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32, device=device) for i in layers}
     count = 0
     batch: list[list[int]] = []
     bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
@@ -138,7 +140,7 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
 
     def run(batch: list[list[int]]) -> None:
         nonlocal count
-        ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long)
+        ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long, device=device)
         mask = torch.ones_like(ids)
         with capture_projection(model, adapter, list(layers)) as seen, torch.no_grad():
             LayerRunner(model, adapter, ids, mask, start=last, stop=last)
@@ -194,7 +196,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -30,7 +30,7 @@ from editfleet.workers.editing.config import EditConfig
 from editfleet.workers.editing.requests import EditRequest
 from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
-from editfleet.workers.models.forward import head_logits
+from editfleet.workers.models.forward import head_logits, model_device
 
 KL_PROMPT = "{} is a"
 # Rows per replayed chunk of a group: each chunk's graph is freed after its backward, so this, not
@@ -91,19 +91,20 @@ class _Groups:
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, rows: Rows, layer: int):
         lengths = rows.attention_mask.sum(1)
+        device = rows.input_ids.device
         self.members = [chunk for member in length_groups(lengths, MAX_GROUPS, GROUP_COST)
                         for chunk in member.tensor_split(-(-len(member) // CHUNK_ROWS))]
-        self.group = torch.empty(rows.size, dtype=torch.long)
-        self.local = torch.empty(rows.size, dtype=torch.long)
+        self.group = torch.empty(rows.size, dtype=torch.long, device=device)
+        self.local = torch.empty(rows.size, dtype=torch.long, device=device)
         self.runners: list[LayerRunner] = []
         self.value0: torch.Tensor | None = None  # per row: ``layer``'s projection output at the subject
         for g, member in enumerate(self.members):
-            self.group[member], self.local[member] = g, torch.arange(len(member))
+            self.group[member], self.local[member] = g, torch.arange(len(member), device=device)
             width = int(lengths[member].max())
             with capture_projection(model, adapter, [layer], inputs=False, outputs=True) as seen:
                 self.runners.append(LayerRunner(model, adapter, rows.input_ids[member, :width],
                                                 rows.attention_mask[member, :width], start=layer))
-            out = seen["out"][layer][torch.arange(len(member)), rows.subject_pos[member]]
+            out = seen["out"][layer][torch.arange(len(member), device=device), rows.subject_pos[member]]
             if self.value0 is None:
                 self.value0 = out.new_empty(rows.size, out.shape[-1])
             self.value0[member] = out
@@ -118,11 +119,12 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     n_ctx = len(contexts)
     prompts, subjects, owners, targets = _context_inputs(tokenizer, requests, contexts, with_targets=True)
     n_ctx_rows = len(prompts)
+    device = model_device(model)
     # The KL rows ("{subject} is a", no target) follow the context rows in the same batch.
     rows = prompt_rows(tokenizer, prompts + [KL_PROMPT] * n, subjects + [r.subject for r in requests],
-                       owners + list(range(n)), targets + [None] * n)
-    kl_rows = torch.arange(n_ctx_rows, rows.size)
-    bare = torch.arange(0, n_ctx_rows, n_ctx)  # context 0 of each request
+                       owners + list(range(n)), targets + [None] * n).to(device)
+    kl_rows = torch.arange(n_ctx_rows, rows.size, device=device)
+    bare = torch.arange(0, n_ctx_rows, n_ctx, device=device)  # context 0 of each request
 
     groups = _Groups(model, adapter, rows, layer)
     value0 = groups.value0[bare]
@@ -135,23 +137,22 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     ref_norm = (value0 if adapter.post_norm else h0).norm(dim=-1)
     final_norm = adapter.final_norm_module(model)
 
-    shift = torch.zeros(n, value0.shape[-1], requires_grad=True)
+    shift = torch.zeros(n, value0.shape[-1], requires_grad=True, device=device)
     opt = torch.optim.Adam([shift], lr=config.v_lr)
-    device = rows.input_ids.device
     low = resolve_target_dtype(config, device).target_dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
     head_weight = model.get_output_embeddings().weight.to(torch.bfloat16) if low else None
-    replayed = torch.arange(0)  # global rows of the group being replayed, in replay order
+    replayed = torch.arange(0, device=device)  # global rows of the group being replayed, in replay order
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
-        at = (torch.arange(len(replayed)), rows.subject_pos[replayed])
+        at = (torch.arange(len(replayed), device=device), rows.subject_pos[replayed])
         return out.index_put(at, (out[at] + shift[rows.owner[replayed]]).to(out.dtype))
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
 
     def request_nll(token_nll: torch.Tensor) -> torch.Tensor:
         """Per request: the mean over its contexts of each row's mean target-token NLL."""
-        return (torch.zeros(n_ctx_rows).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
+        return (torch.zeros(n_ctx_rows, device=device).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
 
     # The loss is a sum over requests, each a weighted sum of its token NLLs and its KL term, so
     # it is summed and back-propagated chunk by chunk: only one chunk's graph (and LM-head
@@ -160,10 +161,10 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     position_owner = rows.owner[rows.loss_row]
     position_group = groups.group[rows.loss_row]
     kl_group = groups.group[kl_rows]
-    active = torch.ones(n, dtype=torch.bool)
+    active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
     kl_init: torch.Tensor | None = None
-    token_nll = torch.zeros(len(rows.loss_row))
+    token_nll = torch.zeros(len(rows.loss_row), device=device)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
         # cost with a large vocabulary) runs only at their positions: a converged request's shift,
@@ -177,8 +178,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                 if len(live_local) == 0:
                     continue
                 replayed = member[live_local]
-                in_live = torch.full((len(member),), -1, dtype=torch.long)
-                in_live[live_local] = torch.arange(len(live_local))
+                in_live = torch.full((len(member),), -1, dtype=torch.long, device=device)
+                in_live[live_local] = torch.arange(len(live_local), device=device)
                 with autocast, add_at_projection(model, adapter, layer, add_shift):
                     h = final_norm(groups.runners[g].run(rows=live_local))
                     pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
@@ -189,7 +190,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                 logp, kl_logp = logp_all[: len(pos)], logp_all[len(pos):]
                 nll_g = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
                 if kl_init is None:
-                    kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype)
+                    kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype, device=device)
                 if step == 0:
                     kl_init[kl] = kl_logp.detach()
                 kl_g = F.kl_div(kl_logp, kl_init[kl], log_target=True, reduction="none").sum(-1)
@@ -217,7 +218,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             shift[over] *= (limit[over] / norms[over])[:, None]
 
     z = torch.empty_like(value0)
-    token_nll = torch.zeros(len(rows.loss_row))
+    token_nll = torch.zeros(len(rows.loss_row), device=device)
     with torch.no_grad():
         for g, member in enumerate(groups.members):
             mine = bare[groups.group[bare] == g]

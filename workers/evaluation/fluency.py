@@ -85,11 +85,11 @@ def greedy_generate(model: nn.Module, tok, prompts: Sequence[str], new_tokens: i
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         last, prompt_mask, lengths, cache = run_prompts(model, [prompt_ids[i] for i in idx], pad)
-        rows = torch.arange(len(idx))
+        rows = torch.arange(len(idx), device=prompt_mask.device)
         steps = [head_logits(model, last).argmax(-1)]
         for step in range(1, new_tokens):
             new_ids = steps[-1][:, None]
-            new_mask = torch.ones((len(idx), step), dtype=prompt_mask.dtype)
+            new_mask = torch.ones((len(idx), step), dtype=prompt_mask.dtype, device=prompt_mask.device)
             # The cache holds the previous steps: only the newest token runs, at offset step - 1.
             hidden = continue_rows(model, cache, rows, prompt_mask, lengths, new_ids, new_mask, offset=step - 1)
             steps.append(head_logits(model, hidden[:, -1]).argmax(-1))

@@ -19,7 +19,7 @@ from torch import nn
 from editfleet.workers.evaluation.data import EvalCase, data_dir
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate
 from editfleet.workers.evaluation.scoring import TargetScore, prompt_prefix, score_targets
-from editfleet.workers.models.forward import final_hidden, head_logits
+from editfleet.workers.models.forward import final_hidden, head_logits, model_device
 
 WIKITEXT_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
 
@@ -167,7 +167,7 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         width = max(len(w) for w in chunk)
-        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long, device=model_device(model))
         mask = torch.zeros_like(input_ids)
         for row, w in enumerate(chunk):
             input_ids[row, :len(w)] = torch.tensor(w)

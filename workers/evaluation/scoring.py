@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editfleet.workers.models.forward import head_logits
+from editfleet.workers.models.forward import head_logits, model_device
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def pad_id(tok) -> int:
     return 0
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool = False,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -91,7 +92,7 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool = False) -> tuple[t
         cols = slice(width - len(seq), width) if left else slice(0, len(seq))
         ids[row, cols] = torch.tensor(seq, dtype=torch.long)
         mask[row, cols] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def run_prompts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], pad: int):
@@ -103,9 +104,9 @@ def run_prompts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], pad: int)
     Returns ``(last_hidden, mask, lengths, cache)``: the final hidden state at each prompt's
     last token (batch, d_model), the attention mask, the prompt lengths and the cache.
     """
-    ids, mask = _pad(prompt_ids, pad, left=True)
+    ids, mask = _pad(prompt_ids, pad, left=True, device=model_device(model))
     lengths = mask.sum(1)
-    positions = (torch.arange(ids.shape[1]) - (ids.shape[1] - lengths)[:, None]).clamp(min=0)
+    positions = (torch.arange(ids.shape[1], device=ids.device) - (ids.shape[1] - lengths)[:, None]).clamp(min=0)
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     return out.last_hidden_state[:, -1], mask, lengths, out.cache
 
@@ -119,10 +120,12 @@ def continue_rows(model: nn.Module, cache, rows: torch.Tensor, prompt_mask: torc
     the cache already holds (earlier generation steps); ``new_mask`` then starts with ``offset``
     columns of ones for them. The cache is re-indexed in place to ``rows`` and grows by ``new_ids``.
     """
-    if not torch.equal(rows, torch.arange(prompt_mask.shape[0])):
+    device = prompt_mask.device
+    rows, new_ids, new_mask = rows.to(device), new_ids.to(device), new_mask.to(device)
+    if not torch.equal(rows, torch.arange(prompt_mask.shape[0], device=device)):
         cache.batch_select_indices(rows)
     mask = torch.cat([prompt_mask[rows], new_mask], dim=1)
-    positions = prompt_lengths[rows, None] + offset + torch.arange(new_ids.shape[1])
+    positions = prompt_lengths[rows, None] + offset + torch.arange(new_ids.shape[1], device=device)
     out = model.base_model(input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.last_hidden_state
 
@@ -148,7 +151,7 @@ def _score_batch(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
                 cont_seqs.append(ids[:-1])
                 cont_slots.append((row, j))
     if cont_rows:
-        new_ids, new_mask = _pad(cont_seqs, pad)
+        new_ids, new_mask = _pad(cont_seqs, pad, device=prompt_mask.device)
         hidden = continue_rows(model, cache, torch.tensor(cont_rows), prompt_mask, lengths, new_ids, new_mask)
         q_idx, col_idx = new_mask.nonzero(as_tuple=True)
         logp = torch.log_softmax(head_logits(model, hidden[q_idx, col_idx]), dim=-1)

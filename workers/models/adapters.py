@@ -90,7 +90,7 @@ class FamilyAdapter:
         """Add a (d_model, d_ff) update to the projection weight in place."""
         w = self.projection_module(model, index).weight
         with torch.no_grad():
-            w.add_((delta.T if self.transposed else delta).to(w.dtype))
+            w.add_((delta.T if self.transposed else delta).to(w.device, w.dtype))
 
     def key_dim(self, model: nn.Module, index: int) -> int:
         return self.weight(model, index).shape[1]

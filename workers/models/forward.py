@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live: every tensor the engine builds for it is made there."""
+    return next(model.parameters()).device
+
+
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states after the final norm, (batch, seq, d_model)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -222,15 +222,33 @@ def ensure_model(name_or_path: str | Path, home: str | Path | None = None) -> Pa
     )
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` as torch names it; ``auto`` or None: the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N or auto)") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible to this process")
+    return device
+
+
 def load_model(
-    name_or_path: str | Path, home: str | Path | None = None
+    name_or_path: str | Path, home: str | Path | None = None, device: str | None = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model (float32, eval, no grads) and tokenizer (pad token set, right padding)."""
+    """Model (float32, eval, no grads, on ``device``; see ``resolve_device``) and tokenizer
+    (pad token set, right padding)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     folder = ensure_model(name_or_path, home)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    model.to(device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
