@@ -215,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = SchedulerConfig(
         store_dir=Path(args.store), listen=args.listen, db_path=Path(args.db) if args.db else None, **models,
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, worker_num_cpus=args.worker_cpus,
-        worker_threads=args.worker_threads,
+        worker_threads=args.worker_threads, worker_device=args.worker_device,
         home=Path(args.home) if args.home else None, corpus=[Path(c) for c in args.corpus] if args.corpus else None,
         engine_overrides=json.loads(args.engine_settings) if args.engine_settings else {},
         max_edits_per_job=args.max_edits_per_job, max_batch_edits=args.max_batch_edits,
@@ -263,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     serve.add_argument("--worker-cpus", type=float, default=0, help="CPUs each worker actor reserves")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all CPUs of its node)")
+    serve.add_argument("--worker-device", choices=("cpu", "cuda"), default="cpu",
+                       help="where workers hold the model (cuda: each worker reserves one GPU from Ray)")
     serve.add_argument("--token", default=os.environ.get("EDITFLEET_TOKEN"),
                        help="require this bearer token (default: $EDITFLEET_TOKEN; none: open)")
     serve.add_argument("--log-format", choices=("json", "console"), default="json")

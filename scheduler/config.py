@@ -35,6 +35,8 @@ class SchedulerConfig:
         ray_num_cpus: CPUs of the local Ray (default: all).
         worker_num_cpus: CPUs each worker actor reserves (0: replicas never wait for CPUs).
         worker_threads: torch threads per worker (default: all CPUs of its node).
+        worker_device: where workers hold the model: ``cpu`` (default) or ``cuda``; with ``cuda``
+            each worker actor reserves one GPU from Ray.
         home: editfleet data folder for the workers (model cache, statistics cache).
         corpus: statistics corpus files for the workers (default: WikiText-2).
         engine_overrides: engine settings applied to every job (before the job's options).
@@ -55,6 +57,7 @@ class SchedulerConfig:
     ray_num_cpus: int | None = None
     worker_num_cpus: float = 0
     worker_threads: int | None = None
+    worker_device: str = "cpu"
     home: Path | None = None
     corpus: list[Path] | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +77,8 @@ class SchedulerConfig:
             validate_model_name(name)
         if self.max_edits_per_job < 1 or self.max_batch_edits < 1:
             raise ValueError("max_edits_per_job and max_batch_edits must be at least 1")
+        if self.worker_device not in ("cpu", "cuda"):
+            raise ValueError(f"worker_device must be cpu or cuda, got {self.worker_device!r}")
         if self.log_format not in ("json", "console"):
             raise ValueError(f"log_format must be json or console, got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -86,5 +91,10 @@ class SchedulerConfig:
             "home": str(self.home) if self.home else None,
             "corpus": [str(p) for p in self.corpus] if self.corpus else None,
             "engine_overrides": dict(self.engine_overrides), "threads": self.worker_threads,
+            "device": self.worker_device,
         }
+
+    def actor_options(self) -> dict[str, Any]:
+        """Ray resources each worker actor reserves."""
+        return {"num_cpus": self.worker_num_cpus, **({"num_gpus": 1} if self.worker_device == "cuda" else {})}
 

@@ -98,7 +98,7 @@ class Scheduler:
         return self.port
 
     def _ray_replica(self, model: str) -> Executor:
-        return RayExecutor(self.config.worker_kwargs(model), {"num_cpus": self.config.worker_num_cpus})
+        return RayExecutor(self.config.worker_kwargs(model), self.config.actor_options())
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving and dispatching. Running jobs stay RUNNING and re-run at the next start."""

@@ -64,12 +64,14 @@ class EditWorker:
         name: the model's name in the catalog (default: ``model``).
         threads: torch threads (default: every CPU this process may use; Ray would otherwise
             leave an actor with OMP_NUM_THREADS=1).
+        device: where the model is held and edited: ``cpu`` (default), ``cuda``, ``cuda:N`` or
+            ``auto``. Checkpoint files are always written from (and read onto) the CPU.
     """
 
     def __init__(self, model: str, store_dir: str | os.PathLike[str], home: str | os.PathLike[str] | None = None,
                  corpus: Sequence[str | os.PathLike[str]] | None = None,
                  engine_overrides: Mapping[str, Any] | None = None, name: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, device: str | None = "cpu"):
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.source = str(model)
         self.name = name or self.source
@@ -77,7 +79,7 @@ class EditWorker:
         self.cache_dir = editfleet_home(home) / "stats"
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
         self.engine_overrides = dict(engine_overrides or {})
-        self.model, self.tokenizer = load_model(self.source, home)
+        self.model, self.tokenizer = load_model(self.source, home, device)
         self.adapter = adapter_for(self.model)
         self.num_layers = self.adapter.num_layers(self.model)
         self._editors: dict[str, Editor] = {}
@@ -193,10 +195,9 @@ class EditWorker:
         yield _progress("evaluating")
         scores = self._scores_after(requests, before, result)
         yield _progress("writing")
-        files = {_layer_file(i): save_tensors({"U": u.contiguous(), "V": v.contiguous(),
-                                               "K": result.keys[i].contiguous()})
+        files = {_layer_file(i): save_tensors({"U": _cpu(u), "V": _cpu(v), "K": _cpu(result.keys[i])})
                  for i, (u, v) in result.deltas.items()}
-        files[TARGETS_FILE] = save_tensors({"Z": result.z.contiguous()})
+        files[TARGETS_FILE] = save_tensors({"Z": _cpu(result.z)})
         meta = {"parent": parent, "edits": [dataclasses.asdict(r) for r in requests], "method": method,
                 "engine_settings": config.to_dict(), "engine_version": ENGINE_VERSION, "scores": scores,
                 "layers": sorted(result.deltas), "target_layer": config.layers[-1], "timings": result.timings}
@@ -306,6 +307,11 @@ def _config_key(config: EditConfig) -> str:
 # The batch's target values at its last edited layer (requests x d_model), which a later batch
 # with ``earlier_edits="targets"`` pulls the batch's requests back to.
 TARGETS_FILE = "targets.safetensors"
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as checkpoint files hold it (safetensors serialises from CPU memory)."""
+    return t.detach().cpu().contiguous()
 
 
 def _layer_file(layer: int) -> str:
