@@ -48,7 +48,7 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
             "--model", str(model_dir), "--data", str(_write_counterfact(tmp_path / "cf.json")),
             "--edits", "4", "--batch", "2", "--seed", "0", "--threads", "1", "--fluency-cases", "2",
             "--cache-dir", str(tmp_path / "stats"), "--set", "stats_tokens=2000", "--set", "v_max_steps=3",
-            "--track-perplexity", "--save-state", str(state), "--json", str(out),
+            "--track-perplexity", "--compare-loop", "--save-state", str(state), "--json", str(out),
         ]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -63,7 +63,10 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
             assert (by_batch[0][k] + by_batch[1][k]) / 2 == pytest.approx(report[phase][k])
     assert report["edits"] == 4 and report["rejected_records"] == 1
     assert set(report["timing"]) >= {"seconds_per_edit", "stats_seconds", "targets_seconds", "update_seconds",
-                                     "eval_seconds", "track_seconds"}
+                                     "eval_seconds", "track_seconds", "warmup_targets_seconds"}
+    t = report["timing"]
+    assert t["batched_speedup"] == pytest.approx(t["loop_targets_seconds"] / t["batched_targets_seconds"])
+    assert report["device"] == "cpu"
     # One perplexity per batch; the last is the model the post-edit evaluation scored.
     assert len(report["perplexity_by_batch"]) == 2
     assert report["perplexity_by_batch"][-1] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
