@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from editfleet.scheduler.config import SchedulerConfig
+from editfleet.workers import bench
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.evaluation.data import EvalCase
 from editfleet.workers.evaluation.fluency import greedy_generate
@@ -50,6 +51,8 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+    with pytest.raises(SystemExit, match="--device: device 'tpu-please' is not a torch device"):
+        bench.main(["--device", "tpu-please"])
     with pytest.raises(ValueError, match="worker_device"):
         SchedulerConfig(store_dir="s", worker_device="gpu")
     assert SchedulerConfig(store_dir="s", worker_device="cuda").actor_options()["num_gpus"] == 1

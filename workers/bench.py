@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.edits <= 0 or args.batch <= 0:
         raise SystemExit("--edits and --batch must be positive")
+    from editfleet.workers.models.registry import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from None
     report = run(args)
     print(table(report))
     if args.json_out:
