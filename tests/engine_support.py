@@ -9,6 +9,7 @@ import torch
 
 from editfleet.workers.editing.batching import target_ids
 from editfleet.workers.editing.requests import EditRequest
+from editfleet.workers.models.tiny import tiny_model
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "Eiffel Tower", "Rome", "Paris", record_id="eiffel"),
@@ -23,6 +24,13 @@ REQUESTS = [
 TINY = dict(v_max_steps=30, v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3, n_prefixes=2,
             prefix_tokens=5, stats_tokens=256, stats_max_length=64, nullspace_energy=1e-6, alpha=1.0,
             target_dtype="float32")
+
+
+def edit_model(family: str = "llama"):
+    """The tiny model the engine tests edit: a 512-wide key space, so that the statistics corpus
+    leaves a null space."""
+    width = {"n_inner": 512} if family == "gpt2" else {"intermediate_size": 512}
+    return tiny_model(family, seed=0, initializer_range=0.1, **width)
 
 
 def write_corpus(path: Path, sentences: int = 400, seed: int = 0) -> Path:

@@ -18,7 +18,7 @@ from editfleet.workers.evaluation.metrics import evaluate_counterfact, perplexit
 from editfleet.workers.executor import InProcessExecutor
 from editfleet.workers.models.registry import resolve_device
 from editfleet.workers.models.tiny import tiny_model
-from engine_support import REQUESTS, TINY, projection_weights, write_corpus
+from engine_support import REQUESTS, TINY, edit_model, projection_weights, write_corpus
 from service_support import EIFFEL, FAST_ENGINE, LOUVRE, save_model
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,8 +30,7 @@ def corpus(tmp_path_factory):
 
 
 def _editor(family: str, device: str, cache, corpus, **overrides) -> Editor:
-    width = {"n_inner": 512} if family == "gpt2" else {"intermediate_size": 512}
-    model, tok = tiny_model(family, seed=0, initializer_range=0.1, **width)
+    model, tok = edit_model(family)
     model.to(device)
     return Editor.for_model(model, tok, cache_dir=cache, corpus=[corpus], **{**TINY, **overrides})
 
@@ -82,8 +81,7 @@ def test_editing_on_the_gpu_matches_the_cpu(tmp_path, corpus, family, earlier_ed
 
     gpu_editor = results["cuda"]["editor"]
     gpu_editor.save_state(tmp_path / "state")
-    model, tok = tiny_model(family, seed=0, initializer_range=0.1,
-                            **({"n_inner": 512} if family == "gpt2" else {"intermediate_size": 512}))
+    model, tok = edit_model(family)
     resumed = Editor.load_state(model, tok, tmp_path / "state", tmp_path / "cpu", [corpus])
     for i, w in projection_weights(resumed).items():
         assert torch.allclose(w, results["cuda"]["weights"][i], rtol=0, atol=1e-6), i

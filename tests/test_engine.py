@@ -20,7 +20,7 @@ from editfleet.workers.editing.statistics import params_digest, token_sequences
 from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
-from engine_support import REQUESTS, TINY, projection_weights, target_nll, write_corpus
+from engine_support import REQUESTS, TINY, edit_model, projection_weights, target_nll, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def make_editor(tmp_path, corpus, family="llama", method="alphaedit", **overrides) -> Editor:
-    width = {"n_inner": 512} if family == "gpt2" else {"intermediate_size": 512}
-    model, tok = tiny_model(family, seed=0, initializer_range=0.1, **width)
+    model, tok = edit_model(family)
     return Editor.for_model(model, tok, method, cache_dir=tmp_path / "cache", corpus=[corpus], **{**TINY, **overrides})
 
 

@@ -196,7 +196,9 @@ def run(args) -> dict[str, Any]:
 
 
 def _device_name(model) -> str:
-    device = next(model.parameters()).device
+    from editfleet.workers.models.forward import model_device
+
+    device = model_device(model)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

@@ -37,7 +37,7 @@ from editfleet.workers.editing.requests import EditRequest, EditValidationError,
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
-from editfleet.workers.models.forward import head_logits
+from editfleet.workers.models.forward import head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
 from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id
 
@@ -91,7 +91,7 @@ class EditWorker:
         """The family defaults for ``method``, then the worker's overrides, then the job's options
         (``target_dtype='auto'`` resolved for this worker's device, so checkpoints say what ran)."""
         config = default_config(self.adapter.family, method, self.num_layers, **{**self.engine_overrides, **(options or {})})
-        return resolve_target_dtype(config, next(self.model.parameters()).device)
+        return resolve_target_dtype(config, model_device(self.model))
 
     def _editor(self, config: EditConfig) -> Editor:
         """The editor for ``config``; a new one is made at base so that it keeps base copies."""
