@@ -249,11 +249,10 @@ RESUME_SCRIPT = r"""
 import json, sys, torch
 from pathlib import Path
 from editfleet.workers.editing.engine import Editor
-from editfleet.workers.models.tiny import tiny_model
 state, cache, corpus, out, tests = map(Path, sys.argv[1:6])
 sys.path.insert(0, str(tests))
-from engine_support import REQUESTS
-model, tok = tiny_model("llama", seed=0, intermediate_size=512, initializer_range=0.1)
+from engine_support import REQUESTS, edit_model
+model, tok = edit_model("llama")
 editor = Editor.load_state(model, tok, state, cache_dir=cache, corpus=[corpus])
 editor.apply(REQUESTS[2:3])
 torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.config.layers}, out)
