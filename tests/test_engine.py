@@ -134,6 +134,24 @@ def test_more_update_rounds_close_more_of_the_value_gap(tmp_path, corpus, key_co
     assert gaps[3] < 0.5 * gaps[1], gaps
 
 
+def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corpus):
+    """Gemma 3 normalises the projection output: the shift is mapped back through that norm
+    numerically, and too few iterations leave the update short of its targets."""
+    gaps = {}
+    for iterations in (1, 100):
+        editor = make_editor(tmp_path, corpus, "gemma3", update_rounds=1, post_norm_iterations=iterations)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        gaps[iterations] = sum(editor.apply(REQUESTS).value_gap) / len(REQUESTS)
+    assert gaps[100] < 0.5 * gaps[1], gaps
+
+
+@pytest.mark.parametrize("field, value", [("post_norm_iterations", 0), ("update_rounds", -1), ("v_lr", 0.0),
+                                          ("null_moment_weight", -1.0), ("nullspace_energy", 1.0)])
+def test_bad_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        default_config("gemma3", "alphaedit", 6, **{field: value})
+
+
 def test_null_moment_weight_steers_a_leaky_null_space_to_quiet_directions(tmp_path, corpus):
     """When the null space still carries preserved energy (here 20%, as on small real models),
     weighting it by the second moment moves preserved outputs less, and the edits still land."""

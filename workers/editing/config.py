@@ -34,6 +34,9 @@ class EditConfig:
             for the residual the previous ones left (a first pass leaves 5-10% of the distance to
             the target value on Gemma 3, and its target probabilities fall off a cliff within
             that margin; see docs/benchmarks.md). The deltas' rank grows with the passes.
+        post_norm_iterations: L-BFGS iterations that map a shift after a post-projection norm
+            (Gemma 3) back to the projection output; too few leave the update short of its
+            targets (docs/benchmarks.md). Unused by families without such a norm.
         key_contexts: ``mean``: one key per request, averaged over its contexts (the reference);
             ``each``: one key per (request, context), all asked for the same shift, so the update
             realises the target in every context rather than for their average key.
@@ -79,6 +82,7 @@ class EditConfig:
     alpha: float = 10.0
     key_contexts: Literal["mean", "each"] = "mean"
     update_rounds: int = 3
+    post_norm_iterations: int = 100
     mom2_update_weight: float = 15000.0
     null_moment_weight: float = 0.0
     sequential_memory: bool = True
@@ -110,7 +114,7 @@ class EditConfig:
             raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
         if self.null_moment_weight < 0:
             raise ValueError(f"null_moment_weight must be >= 0, got {self.null_moment_weight}")
-        for name in ("v_lr", "v_max_steps", "update_rounds", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
+        for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

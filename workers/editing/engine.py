@@ -284,7 +284,7 @@ class Editor:
             if norm is not None:
                 value = replay.values[layer][at]
                 with torch.no_grad():
-                    r = adapter.invert_post_norm(norm, norm(value) + r, value) - value
+                    r = adapter.invert_post_norm(norm, norm(value) + r, value, cfg.post_norm_iterations) - value
             u, v = solve_update(
                 keys, r.T, projector=projectors[layer] if projectors else None,
                 memory=self.memory[layer] if cfg.sequential_memory else None,

@@ -56,7 +56,7 @@ class FamilyAdapter:
         return None if self.post_norm is None else self.layer(model, index).get_submodule(self.post_norm)
 
     def invert_post_norm(self, norm: nn.Module, target: torch.Tensor, reference: torch.Tensor,
-                         max_iter: int = 100) -> torch.Tensor:
+                         max_iter: int) -> torch.Tensor:
         """A projection output whose normed value is as close as possible to ``target``.
 
         Solved numerically (L-BFGS on ||norm(x) - target||^2, starting from ``reference``, the
