@@ -255,3 +255,29 @@ def test_perplexity_reads_wikitext_by_default():
     assert first == perplexity(model, tok, max_tokens=64, window=32)
     assert first["tokens"] == 62  # no BOS: each window's first token is context only
     assert 1.0 < first["perplexity"] < 10_000
+
+
+def test_default_statistics_corpus_never_reads_the_perplexity_text(tmp_path, monkeypatch):
+    """The projector must not protect the text that measures general ability: the default corpus
+    starts wiki.test.raw past the head the perplexity is read from."""
+    from editfleet.workers.editing.engine import default_corpus
+    from editfleet.workers.editing.statistics import file_digest, token_sequences
+    from editfleet.workers.evaluation.metrics import PERPLEXITY_CHARS
+
+    root = tmp_path / "wikitext-2-raw"
+    root.mkdir()
+    (root / "wiki.valid.raw").write_text("valid words here .\n" * 200)
+    head = "alpha beta gamma .\n" * (PERPLEXITY_CHARS // 19 + 1)
+    (root / "wiki.test.raw").write_text(head + "omega tail line .\n" * 300)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    _, tok = tiny_model("llama", seed=0)
+    corpus = default_corpus()
+    text = "".join(tok.decode(seq) for seq in token_sequences(tok, corpus, 32, 10**9))
+    assert "valid words" in text and "omega tail" in text
+    assert "alpha" not in text and "gamma" not in text
+    assert perplexity(tok=tok, model=tiny_model("llama", seed=0)[0], max_tokens=64, window=32)["tokens"] == 62
+    with pytest.raises(ValueError, match="held-out perplexity text"):
+        perplexity(tiny_model("llama", seed=0)[0], tok, max_tokens=PERPLEXITY_CHARS + 100, window=512)
+    # The offset is part of the statistics' cache key; a whole file keeps its old digest.
+    assert file_digest(corpus) != file_digest([t.path for t in corpus])
+    assert file_digest([root / "wiki.valid.raw"]) == file_digest(corpus[:1])

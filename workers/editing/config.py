@@ -149,9 +149,8 @@ class EditConfig:
 # instead of 0.636, with efficacy, specificity, fluency and perplexity all as good or better at
 # four passes and weight 3000). On smollm2 (llama family), 500 CounterFact edits with weight 6000
 # and statistics from 250k tokens instead of 3000 and 100k: efficacy 0.982 (0.978), fluency -3.2%
-# (-7.8%), perplexity +14.1% (+22.5%), specificity -0.032 (-0.058). 250k tokens stay inside
-# wiki.valid.raw for smollm2's tokenizer (267k tokens there): the statistics do not reach the text
-# the bench's perplexity is read from (the first tokens of wiki.test.raw, next in the corpus).
+# (-7.8%), perplexity +14.1% (+22.5%), specificity -0.032 (-0.058). Those 250k tokens lie inside
+# wiki.valid.raw (267k smollm2 tokens); the default corpus never reaches the perplexity text.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(layers=(4, 5, 6, 7, 8), n_prefixes=2, prefix_tokens=5, null_moment_weight=6000.0,
                   stats_tokens=250_000),

@@ -26,8 +26,8 @@ from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
                                                 parse_requests)
 from editfleet.workers.editing.runner import SubjectReplay
-from editfleet.workers.editing.statistics import (LayerStats, StatsCache, compute_second_moments,
-                                                  file_digest, params_digest)
+from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, as_corpus,
+                                                  compute_second_moments, file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
@@ -63,16 +63,18 @@ class StoredBatch:
     z_layer: int | None = None
 
 
-def default_corpus() -> list[Path]:
-    """The WikiText-2 files of the data folder (see workers/evaluation/data.py)."""
+def default_corpus() -> list[CorpusText]:
+    """The WikiText-2 files of the data folder (see workers/evaluation/data.py), less the head
+    of wiki.test.raw that the perplexity is measured on."""
     from editfleet.workers.evaluation.data import data_dir
+    from editfleet.workers.evaluation.metrics import PERPLEXITY_CHARS, WIKITEXT_TEST
 
-    root = data_dir() / "wikitext-2-raw"
-    files = [root / "wiki.valid.raw", root / "wiki.test.raw"]
-    missing = [str(f) for f in files if not f.exists()]
+    root = data_dir()
+    corpus = [CorpusText(root / "wikitext-2-raw" / "wiki.valid.raw"), CorpusText(root / WIKITEXT_TEST, PERPLEXITY_CHARS)]
+    missing = [str(t.path) for t in corpus if not t.path.exists()]
     if missing:
         raise FileNotFoundError(f"statistics corpus not found: {', '.join(missing)}")
-    return files
+    return corpus
 
 
 class Editor:
@@ -86,7 +88,7 @@ class Editor:
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: EditConfig, cache_dir: str | Path,
-                 corpus: Sequence[str | Path] | None = None):
+                 corpus: Sequence[str | Path | CorpusText] | None = None):
         # Everything the editor holds (base copies, K_p, projectors, batches) lives on the model's
         # device; what comes from files is moved there, what goes to files is moved to the CPU.
         self.device = model_device(model)
@@ -100,7 +102,7 @@ class Editor:
             raise ValueError(f"the last edited layer must be below the model's last layer ({n_layers - 1}): "
                              "a value at the subject reaches the answer only through later layers")
         self.cache = StatsCache(Path(cache_dir))
-        self.corpus = [Path(p) for p in corpus] if corpus is not None else None
+        self.corpus = as_corpus(corpus) if corpus is not None else None
         self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
         # K_p K_p^T per layer: the keys of earlier batches that do not rejoin updates by target.
         self.memory = {i: torch.zeros(w.shape[1], w.shape[1], device=self.device) for i, w in self._base.items()}
@@ -112,7 +114,7 @@ class Editor:
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer, method: Method = "alphaedit", *, cache_dir: str | Path,
-                  corpus: Sequence[str | Path] | None = None, **overrides: Any) -> "Editor":
+                  corpus: Sequence[str | Path | CorpusText] | None = None, **overrides: Any) -> "Editor":
         """An editor with the family's default settings for ``method``, ``overrides`` on top."""
         adapter = adapter_for(model)
         config = default_config(adapter.family, method, adapter.num_layers(model), **overrides)
@@ -152,7 +154,7 @@ class Editor:
 
     # -- statistics and projectors ------------------------------------------------------------
 
-    def _corpus(self) -> list[Path]:
+    def _corpus(self) -> list[CorpusText]:
         if self.corpus is None:
             self.corpus = default_corpus()
         return self.corpus
@@ -393,7 +395,7 @@ class Editor:
 
     @classmethod
     def load_state(cls, model: nn.Module, tokenizer, folder: str | Path, cache_dir: str | Path,
-                   corpus: Sequence[str | Path] | None = None) -> "Editor":
+                   corpus: Sequence[str | Path | CorpusText] | None = None) -> "Editor":
         """An editor for the BASE ``model`` with a saved state's batches replayed and K_p restored."""
         folder = Path(folder)
         meta = json.loads((folder / "state.json").read_text())

@@ -32,11 +32,29 @@ from editfleet.workers.models.forward import model_device
 Progress = Callable[[str, int, int], None]
 
 
-def file_digest(paths: Sequence[Path]) -> str:
+@dataclass(frozen=True)
+class CorpusText:
+    """One text file of the statistics corpus, read from character ``start`` on.
+
+    The default corpus starts ``wiki.test.raw`` past its head, which is the bench's perplexity
+    text: a projector built on that text would protect exactly what measures general ability.
+    """
+
+    path: Path
+    start: int = 0
+
+
+def as_corpus(items: Sequence[str | os.PathLike[str] | CorpusText]) -> list[CorpusText]:
+    return [t if isinstance(t, CorpusText) else CorpusText(Path(t)) for t in items]
+
+
+def file_digest(corpus: Sequence[str | os.PathLike[str] | CorpusText]) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).name.encode())
-        with open(p, "rb") as f:
+    for t in as_corpus(corpus):
+        h.update(t.path.name.encode())
+        if t.start:  # whole files keep the digest they had before offsets existed
+            h.update(f"@{t.start}".encode())
+        with open(t.path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
@@ -88,7 +106,8 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
     return h.hexdigest()
 
 
-def token_sequences(tokenizer, paths: Sequence[Path], length: int, total_tokens: int) -> Iterator[list[int]]:
+def token_sequences(tokenizer, corpus: Sequence[str | os.PathLike[str] | CorpusText], length: int,
+                    total_tokens: int) -> Iterator[list[int]]:
     """Packed token sequences of ``length`` from the corpus files, ``total_tokens`` at most."""
     buffer: list[int] = []
     emitted = 0
@@ -105,8 +124,11 @@ def token_sequences(tokenizer, paths: Sequence[Path], length: int, total_tokens:
             del buffer[:length]
             emitted += length
 
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
+    for text in as_corpus(corpus):
+        with open(text.path, encoding="utf-8") as f:
+            if text.start:
+                f.read(text.start)
+                f.readline()  # from the next whole line on
             for line in f:
                 if line.strip():
                     lines.append(line)
@@ -124,7 +146,7 @@ class LayerStats:
 
 
 def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
-                           corpus: Sequence[Path], total_tokens: int, length: int, batch_size: int,
+                           corpus: Sequence[CorpusText], total_tokens: int, length: int, batch_size: int,
                            progress: Progress | None = None) -> dict[int, LayerStats]:
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
     last = max(layers)
@@ -162,7 +184,7 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
         run(batch)
         done += len(batch)
     if count == 0:
-        raise ValueError(f"corpus {', '.join(map(str, corpus))} yields no full sequence of {seq_len} tokens")
+        raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {seq_len} tokens")
     if progress:
         progress("statistics", expected, expected)
     print(f"[editfleet] key statistics: {count} tokens, layers {list(layers)}, "

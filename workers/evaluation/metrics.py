@@ -22,6 +22,9 @@ from editfleet.workers.evaluation.scoring import TargetScore, prompt_prefix, sco
 from editfleet.workers.models.forward import final_hidden, head_logits, model_device
 
 WIKITEXT_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
+# The default perplexity text is read from this head of WIKITEXT_TEST only, and the default
+# statistics corpus starts past it (workers/editing/engine.py): the two never share a token.
+PERPLEXITY_CHARS = 50_000
 
 
 def _case_means(cases: Sequence[EvalCase], scores: Sequence[Sequence[Sequence[TargetScore]]],
@@ -147,17 +150,24 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
     """Perplexity on a fixed text: the same tokens every call, so pre/post-edit values compare.
 
     ``text_or_path``: a ``Path`` is read as a file, a ``str`` is the text itself; default
-    ``<data_dir>/wikitext-2-raw/wiki.test.raw``. Its first ``max_tokens`` tokens are cut into
+    the first ``PERPLEXITY_CHARS`` characters of ``<data_dir>/wikitext-2-raw/wiki.test.raw``,
+    which the default statistics corpus leaves out. Its first ``max_tokens`` tokens are cut into
     non-overlapping windows of ``window`` tokens, each preceded by the tokenizer's BOS when it
     uses one (then every token is predicted; otherwise each window's first token is context).
     The LM head runs on ``head_chunk`` positions at a time to bound memory (262k vocab).
     """
     if max_tokens < 2 or window < 2:
         raise ValueError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
-    if text_or_path is None:
+    held_out = text_or_path is None
+    if held_out:
         text_or_path = data_dir() / WIKITEXT_TEST
     text = text_or_path.read_text(encoding="utf-8") if isinstance(text_or_path, Path) else text_or_path
+    if held_out:
+        text = text[:PERPLEXITY_CHARS]
     ids = _first_tokens(tok, text, max_tokens)
+    if held_out and len(ids) < max_tokens:
+        raise ValueError(f"max_tokens={max_tokens}: the held-out perplexity text ({PERPLEXITY_CHARS} characters "
+                         f"of {WIKITEXT_TEST}) has only {len(ids)} tokens")
     prefix = prompt_prefix(tok)
     windows = [prefix + ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
