@@ -62,11 +62,10 @@ class FamilyAdapter:
         Solved numerically (L-BFGS on ||norm(x) - target||^2, starting from ``reference``, the
         current output): the target need not lie on the norm's output manifold at all (earlier
         layers' edits move the residual in ways an RMS-normed output cannot follow). ``max_iter``
-        matters: on one 100-edit gemma3 batch 20 and 50 iterations fell short of the targets and
-        200 beat 100 (generalization 0.80 against 0.71, not yet measured over a stream), while the
-        exact global minimiser, which also matches the target where Gemma 3's gains are near 0
-        by moves the update cannot carry, scored worse on every figure (docs/benchmarks.md,
-        eighth session).
+        (the engine's ``post_norm_iterations``) is a trade, not a precision setting: few
+        iterations fall short of the targets, many approach the exact minimiser, which matches
+        the target also where Gemma 3's gains are near 0 by moves the update carries at a cost
+        (docs/engine.md, "Where the target lives").
         """
         x = reference.detach().clone().requires_grad_(True)
         opt = torch.optim.LBFGS([x], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
