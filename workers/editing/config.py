@@ -35,8 +35,10 @@ class EditConfig:
             the target value on Gemma 3, and its target probabilities fall off a cliff within
             that margin; see docs/benchmarks.md). The deltas' rank grows with the passes.
         post_norm_iterations: L-BFGS iterations that map a shift after a post-projection norm
-            (Gemma 3) back to the projection output; too few leave the update short of its
-            targets (docs/benchmarks.md). Unused by families without such a norm.
+            (Gemma 3) back to the projection output. Fewer leave each batch short of its
+            targets; more land it better but erode a stream's earlier batches faster (500
+            gemma3 edits at 200: CounterFact generalization +0.058, zsRE efficacy -0.081,
+            perplexity +3.5 points; docs/benchmarks.md). Unused by families without such a norm.
         key_contexts: ``mean``: one key per request, averaged over its contexts (the reference);
             ``each``: one key per (request, context), all asked for the same shift, so the update
             realises the target in every context rather than for their average key.
