@@ -270,14 +270,14 @@ def test_default_statistics_corpus_never_reads_the_perplexity_text(tmp_path, mon
     head = "alpha beta gamma .\n" * (PERPLEXITY_CHARS // 19 + 1)
     (root / "wiki.test.raw").write_text(head + "omega tail line .\n" * 300)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
-    _, tok = tiny_model("llama", seed=0)
+    model, tok = tiny_model("llama", seed=0)
     corpus = default_corpus()
     text = "".join(tok.decode(seq) for seq in token_sequences(tok, corpus, 32, 10**9))
     assert "valid words" in text and "omega tail" in text
     assert "alpha" not in text and "gamma" not in text
-    assert perplexity(tok=tok, model=tiny_model("llama", seed=0)[0], max_tokens=64, window=32)["tokens"] == 62
+    assert perplexity(model, tok, max_tokens=64, window=32)["tokens"] == 62
     with pytest.raises(ValueError, match="held-out perplexity text"):
-        perplexity(tiny_model("llama", seed=0)[0], tok, max_tokens=PERPLEXITY_CHARS + 100, window=512)
+        perplexity(model, tok, max_tokens=PERPLEXITY_CHARS + 100, window=512)
     # The offset is part of the statistics' cache key; a whole file keeps its old digest.
     assert file_digest(corpus) != file_digest([t.path for t in corpus])
     assert file_digest([root / "wiki.valid.raw"]) == file_digest(corpus[:1])
