@@ -152,7 +152,7 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
     ``text_or_path``: a ``Path`` is read as a file, a ``str`` is the text itself; default
     the first ``PERPLEXITY_CHARS`` characters of ``<data_dir>/wikitext-2-raw/wiki.test.raw``,
     which the default statistics corpus leaves out. Its first ``max_tokens`` tokens are cut into
-    non-overlapping windows of ``window`` tokens, each preceded by the tokenizer's BOS when it
+    non-overlapping windows of ``window`` tokens (fewer if the model's context is shorter), each preceded by the tokenizer's BOS when it
     uses one (then every token is predicted; otherwise each window's first token is context).
     The LM head runs on ``head_chunk`` positions at a time to bound memory (262k vocab).
     """
@@ -169,6 +169,9 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
         raise ValueError(f"max_tokens={max_tokens}: the held-out perplexity text ({PERPLEXITY_CHARS} characters "
                          f"of {WIKITEXT_TEST}) has only {len(ids)} tokens")
     prefix = prompt_prefix(tok)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:  # a window never runs past the model's positions (tiny test models have 256)
+        window = min(window, context - len(prefix))
     windows = [prefix + ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
