@@ -107,7 +107,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = json.loads(args.engine_settings) if args.engine_settings else None
     with _client(args) as client:
         job = client.submit(args.model, edits, method=args.method, base_checkpoint=args.base or "",
-                            engine_settings=settings, request_id=args.request_id)
+                            engine_settings=settings, request_id=args.request_id,
+                            max_perplexity_increase=args.max_perplexity_increase)
         if args.wait:
             bar = None if args.json else ProgressBar()
             try:
@@ -162,7 +163,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     print(f"{model.name}  head: {model.head}")
     for c in checkpoints:
         when = c.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        scores = " ".join(f"{k}={v:.2f}" for k, v in sorted(c.scores.items()))
+        scores = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.scores.items()))
         print(f"{'*' if c.head else ' '} {c.id}  parent {c.parent.rsplit('/', 1)[-1]:16}  {when}  "
               f"{pb.Method.Name(c.method).lower():9}  {len(c.edits)} edit(s)  {scores}")
     return 0
@@ -217,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, worker_num_cpus=args.worker_cpus,
         worker_threads=args.worker_threads, worker_device=args.worker_device,
         home=Path(args.home) if args.home else None, corpus=[Path(c) for c in args.corpus] if args.corpus else None,
+        perplexity_text=Path(args.perplexity_text) if args.perplexity_text else None,
         engine_overrides=json.loads(args.engine_settings) if args.engine_settings else {},
         max_edits_per_job=args.max_edits_per_job, max_batch_edits=args.max_batch_edits,
         token=args.token, log_format=args.log_format, log_level=args.log_level,
@@ -257,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="job queue SQLite file (default: STORE/jobs.sqlite)")
     serve.add_argument("--home", help="editfleet data folder for model and statistics caches")
     serve.add_argument("--corpus", action="append", help="statistics corpus text file (repeatable; default WikiText-2)")
+    serve.add_argument("--perplexity-text", help="text file whose perplexity every checkpoint reports "
+                                                 "(default: the held-out head of WikiText-2's test file)")
     serve.add_argument("--engine-settings", help="JSON object of engine settings applied to every job")
     serve.add_argument("--max-edits-per-job", type=int, default=1000)
     serve.add_argument("--max-batch-edits", type=int, default=100, help="coalescing limit per engine batch")
@@ -277,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("alphaedit", "memit"), default="alphaedit")
     p.add_argument("--base", help="base checkpoint (default: the model's head when the job runs)")
     p.add_argument("--engine-settings", help="JSON object of engine setting overrides")
+    p.add_argument("--max-perplexity-increase", type=float, metavar="FRACTION",
+                   help="fail the job, landing nothing, if its checkpoint's held-out perplexity would exceed "
+                        "the unedited model's by more than this (0.1 = +10%%)")
     p.add_argument("--request-id", help="idempotency key (default: a fresh one)")
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
     p.add_argument("--json", action="store_true")

@@ -95,11 +95,17 @@ class EditClient:
 
     def submit(self, model: str, edits: Iterable[Mapping[str, Any] | pb.Edit], *, method: str = "alphaedit",
                base_checkpoint: str = "", engine_settings: Mapping[str, Any] | None = None,
-               request_id: str | None = None) -> pb.Job:
-        """Queue an edit job; returns it at once (state QUEUED). See ``wait`` and ``watch``."""
+               request_id: str | None = None, max_perplexity_increase: float | None = None) -> pb.Job:
+        """Queue an edit job; returns it at once (state QUEUED). See ``wait`` and ``watch``.
+
+        ``max_perplexity_increase`` (0.1 = +10%): the job fails, landing nothing, if its
+        checkpoint's perplexity on the held-out text would exceed the unedited model's by more.
+        """
         if method not in _METHODS:
             raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
         options = pb.EditOptions()
+        if max_perplexity_increase is not None:
+            options.max_perplexity_increase = max_perplexity_increase
         if engine_settings:
             settings = Struct()
             settings.update(dict(engine_settings))

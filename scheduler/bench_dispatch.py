@@ -59,7 +59,7 @@ def _serve(root: Path, model: Path, corpus: Path, max_batch_edits: int):
     from editfleet.scheduler.server import Scheduler
 
     config = SchedulerConfig(store_dir=root / "store", models={"tiny": str(model)}, listen="127.0.0.1:0",
-                             home=root / "home", corpus=[corpus], engine_overrides=ENGINE,
+                             home=root / "home", corpus=[corpus], perplexity_text=corpus, engine_overrides=ENGINE,
                              max_batch_edits=max_batch_edits, log_level="warning")
     scheduler = Scheduler(config)
     scheduler.start()

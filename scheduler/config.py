@@ -39,6 +39,8 @@ class SchedulerConfig:
             each worker actor reserves one GPU from Ray.
         home: editfleet data folder for the workers (model cache, statistics cache).
         corpus: statistics corpus files for the workers (default: WikiText-2).
+        perplexity_text: the text whose perplexity every checkpoint reports (default: the
+            held-out head of WikiText-2's test file).
         engine_overrides: engine settings applied to every job (before the job's options).
         max_edits_per_job: submissions with more edits are refused.
         max_batch_edits: coalescing stops adding jobs to a batch at this many edits.
@@ -60,6 +62,7 @@ class SchedulerConfig:
     worker_device: str = "cpu"
     home: Path | None = None
     corpus: list[Path] | None = None
+    perplexity_text: Path | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     max_edits_per_job: int = 1000
     max_batch_edits: int = 100
@@ -90,6 +93,7 @@ class SchedulerConfig:
             "model": self.models[model], "name": model, "store_dir": str(self.store_dir.resolve()),
             "home": str(self.home) if self.home else None,
             "corpus": [str(p) for p in self.corpus] if self.corpus else None,
+            "perplexity_text": str(self.perplexity_text) if self.perplexity_text else None,
             "engine_overrides": dict(self.engine_overrides), "threads": self.worker_threads,
             "device": self.worker_device,
         }

@@ -61,6 +61,8 @@ def job_message(job: JobRecord, latest: Event | None = None) -> pb.Job:
     options = pb.EditOptions()
     if job.options.get("engine_settings"):
         options.engine_settings.CopyFrom(_struct(job.options["engine_settings"]))
+    if job.options.get("max_perplexity_increase") is not None:
+        options.max_perplexity_increase = job.options["max_perplexity_increase"]
     msg = pb.Job(
         name=f"jobs/{job.id}", request_id=job.request_id, model=f"models/{job.model}",
         base_checkpoint=checkpoint_name(job.model, job.base_checkpoint) if job.base_checkpoint else "",

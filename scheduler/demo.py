@@ -75,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"the edit job failed: {job.error.message}", file=sys.stderr)
                 return 1
             [ckpt] = [c for c in client.checkpoints(name) if c.name == job.checkpoint]
-            scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(ckpt.scores.items()))
+            general = {"perplexity", "perplexity_base", "perplexity_change"}
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(ckpt.scores.items()) if k not in general)
             print(f"checkpoint {ckpt.id} (parent {ckpt.parent.rsplit('/', 1)[-1]}): {scores}")
+            print(f"general ability: perplexity on held-out WikiText {ckpt.scores['perplexity_base']:.3f} -> "
+                  f"{ckpt.scores['perplexity']:.3f} ({ckpt.scores['perplexity_change']:+.2%})")
 
             _answers(client, f"models/{name}", "after the edit")
             model = client.set_head(name, "base")

@@ -6,7 +6,8 @@ Rules:
 - Queued jobs at the front of a model's queue that share base, method and options coalesce
   into one batch (up to ``max_batch_edits`` edits): one engine run, ONE checkpoint that all of
   them report. Only a contiguous run coalesces, so order is never changed.
-- A successful batch moves the model's head to its checkpoint. A failed one leaves the head.
+- A successful batch moves the model's head to its checkpoint. A failed one leaves the head;
+  so does one whose result breaks its jobs' ``max_perplexity_increase`` (they fail, naming it).
   If the engine refuses some edits of a coalesced batch, their jobs fail with the field
   violations and the other jobs go back to the queue (they run next, without them).
 - Stopping the scheduler leaves running jobs RUNNING in the queue: the next start re-dispatches
@@ -184,8 +185,9 @@ class Dispatcher:
             self._progress(batch, "LOADING", message="loading the model")
             replica.collective_rpc("describe")
         settings = batch.options.get("engine_settings", {})
+        limit = batch.options.get("max_perplexity_increase")
         stage = ""
-        for event in replica.collective_stream("run_edit", batch.parent, batch.edits, batch.method, settings):
+        for event in replica.collective_stream("run_edit", batch.parent, batch.edits, batch.method, settings, limit):
             kind = event["kind"]
             if kind == "progress":
                 name = event["stage"].upper()
@@ -198,6 +200,10 @@ class Dispatcher:
                 return
             elif kind == "rejected":
                 self._rejected(batch, event)
+                return
+            elif kind == "over_limit":  # every job of the batch asked for the same limit
+                self._fail(batch.jobs, batch.parent, {"message": event["message"],
+                                                      "violations": [(f"options.{event['field']}", event["message"])]})
                 return
         raise RuntimeError("the worker's stream ended without a result")
 

@@ -9,6 +9,7 @@ the job FAILED with the same kind of field violations.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -180,7 +181,14 @@ def check_submit(request: pb.SubmitEditJobRequest, max_edits: int) -> Submission
         raw = json_format.MessageToDict(request.options.engine_settings)
         settings, problems = coerce_settings(raw, "options.engine_settings")
         violations.extend(problems)
+    options: dict[str, Any] = {"engine_settings": settings} if settings else {}
+    if request.options.HasField("max_perplexity_increase"):
+        limit = request.options.max_perplexity_increase
+        if not math.isfinite(limit) or limit <= 0:
+            violations.append(("options.max_perplexity_increase",
+                               f"must be a positive fraction (0.1 = +10% perplexity), got {limit}"))
+        options["max_perplexity_increase"] = limit
     if violations:
         raise invalid(violations, "edit job")
-    return Submission(request.request_id, model, base, edits, method, {"engine_settings": settings} if settings else {})
+    return Submission(request.request_id, model, base, edits, method, options)
 

@@ -36,3 +36,14 @@ def save_model(path: Path, family: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_perplexity_text(path: Path) -> Path:
+    """A general-ability text whose perplexity the EIFFEL edit raises on the tiny seed-0 llama.
+
+    On a random tiny model an edit moves perplexity either way: it lowers it on word text
+    (-7% on WikiText, -10% on this corpus) and raises it on this punctuation (+36%), which the
+    perplexity-limit tests need.
+    """
+    path.write_text("!?;:()[]{}<>@#$%^&*~" * 40, encoding="utf-8")
+    return path

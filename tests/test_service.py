@@ -18,7 +18,7 @@ from editfleet.scheduler.ray_setup import init_ray
 from editfleet.scheduler.server import Scheduler
 from editfleet.v1 import editfleet_pb2 as pb
 from editfleet.workers.store import BASE, CheckpointStore
-from service_support import EIFFEL, FAST_ENGINE, GOLD, LAYER_PROGRESS, LOUVRE, save_model, write_corpus
+from service_support import EIFFEL, FAST_ENGINE, GOLD, LAYER_PROGRESS, LOUVRE, save_model, write_corpus, write_perplexity_text
 
 PROMPT = EIFFEL["prompt"]
 STAGE_ORDER = ["QUEUED", "DISPATCHED", "LOADING", "MATERIALIZING", "STATISTICS", "TARGETS", "LAYER", "EVALUATING",
@@ -39,13 +39,14 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("service")
     models = {"llama": save_model(root / "llama"), "par-a": save_model(root / "par-a", "llama", seed=1),
               "par-b": save_model(root / "par-b", "gpt2", seed=2)}
-    return {"root": root, "models": {k: str(v) for k, v in models.items()}, "corpus": write_corpus(root / "corpus.txt")}
+    return {"root": root, "models": {k: str(v) for k, v in models.items()}, "corpus": write_corpus(root / "corpus.txt"),
+            "ppl_text": write_perplexity_text(root / "general.txt")}
 
 
 def _config(parts, store: str, **overrides) -> SchedulerConfig:
     return SchedulerConfig(store_dir=parts["root"] / store, models=parts["models"], listen="127.0.0.1:0",
                            home=parts["root"] / "home", corpus=[parts["corpus"]], engine_overrides=FAST_ENGINE,
-                           log_level="warning", **overrides)
+                           perplexity_text=parts["ppl_text"], log_level="warning", **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,8 @@ def test_submit_watch_checkpoint_query_rollback(service):
     assert ckpt.head and ckpt.parent == "models/llama/checkpoints/base" and ckpt.method == pb.ALPHAEDIT
     assert ckpt.edits[0].subject == "the Eiffel Tower" and ckpt.engine_settings["v_max_steps"] == FAST_ENGINE["v_max_steps"]
     assert {"efficacy", "paraphrase_efficacy"} <= set(ckpt.scores) and len(ckpt.content_digest) == 64
+    ppl = ckpt.scores
+    assert ppl["perplexity"] == pytest.approx(ppl["perplexity_base"] * (1 + ppl["perplexity_change"]))
     assert ckpt.create_time.seconds > 0 and {a.path for a in ckpt.artifacts} == {"layer002.safetensors", "layer003.safetensors", "targets.safetensors"}
 
     after = client.query("models/llama", PROMPT, ["Rome", "Paris"])
@@ -102,6 +105,20 @@ def test_engine_failure_fails_the_job_and_keeps_the_head(service):
     job = client.wait(client.submit("llama", [GOLD], engine_settings={"layers": [40]}), timeout=300)
     assert job.state == pb.Job.FAILED and "out of range" in job.error.message
     assert job.progress.stage == pb.JobEvent.FAILED and job.checkpoint == ""
+    assert client.model("llama").head == head
+
+
+def test_a_perplexity_limit_fails_the_job_and_keeps_the_head(service):
+    """The EIFFEL edit raises this service's perplexity text by about a third (see
+    ``write_perplexity_text``): under a 1% limit the job fails naming the option, whether the
+    worker computes the checkpoint now or finds it stored by an earlier test."""
+    _, client = service
+    head = client.model("llama").head
+    job = client.wait(client.submit("llama", [EIFFEL], base_checkpoint="models/llama/checkpoints/base",
+                                    max_perplexity_increase=0.01), timeout=300)
+    assert job.state == pb.Job.FAILED and job.checkpoint == ""
+    assert [v.field for v in job.error.field_violations] == ["options.max_perplexity_increase"]
+    assert "against the unedited model" in job.error.message and "limit +1.0%" in job.error.message
     assert client.model("llama").head == head
 
 
@@ -202,3 +219,6 @@ def test_demo_runs_end_to_end(ray_runtime, parts, tmp_path, capsys):
     assert len(before) == 3 and before == after_rollback  # the rollback restores the answers exactly
     [ckpt] = CheckpointStore(tmp_path / "store").list_checkpoints("demo")
     assert f"checkpoint {ckpt.id} (parent base)" in out and "head of models/demo -> models/demo/checkpoints/base" in out
+    scores = ckpt.meta["scores"]
+    assert (f"perplexity on held-out WikiText {scores['perplexity_base']:.3f} -> {scores['perplexity']:.3f} "
+            f"({scores['perplexity_change']:+.2%})") in out

@@ -99,6 +99,12 @@ BAD_SUBMISSIONS = [
      grpc.StatusCode.INVALID_ARGUMENT, "options.engine_settings.steps", "not an engine setting"),
     ("badly typed engine setting", dict(options=_settings(v_max_steps=2.5)),
      grpc.StatusCode.INVALID_ARGUMENT, "options.engine_settings.v_max_steps", "must be an integer"),
+    ("negative perplexity limit", dict(options=pb.EditOptions(max_perplexity_increase=-0.1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "options.max_perplexity_increase", "must be a positive fraction"),
+    ("zero perplexity limit", dict(options=pb.EditOptions(max_perplexity_increase=0.0)),
+     grpc.StatusCode.INVALID_ARGUMENT, "options.max_perplexity_increase", "must be a positive fraction"),
+    ("NaN perplexity limit", dict(options=pb.EditOptions(max_perplexity_increase=float("nan"))),
+     grpc.StatusCode.INVALID_ARGUMENT, "options.max_perplexity_increase", "must be a positive fraction"),
     ("unknown method", dict(method=7), grpc.StatusCode.INVALID_ARGUMENT, "method", "unknown method"),
     ("long request id", dict(request_id="r" * 200), grpc.StatusCode.INVALID_ARGUMENT, "request_id", "limit 128"),
 ]
@@ -139,8 +145,10 @@ def test_same_request_id_returns_the_same_job(client, stub):
 
 def test_submitted_job_is_described_and_cancellable(client):
     job = client.submit("tiny", [EIFFEL, {"prompt": "{} is made of", "subject": "Gold", "target_new": "wood"}],
-                        method="memit", engine_settings={"v_max_steps": 3, "layers": [1, 2]})
+                        method="memit", engine_settings={"v_max_steps": 3, "layers": [1, 2]},
+                        max_perplexity_increase=0.05)
     assert job.name.startswith("jobs/") and job.state == pb.Job.QUEUED and job.model == "models/tiny"
+    assert job.options.HasField("max_perplexity_increase") and job.options.max_perplexity_increase == 0.05
     assert job.edits[0].prompt == "The home city of {}" and job.method == pb.MEMIT
     assert job.options.engine_settings["v_max_steps"] == 3 and job.progress.stage == pb.JobEvent.QUEUED
     assert client.job(job.name.removeprefix("jobs/")).name == job.name

@@ -14,24 +14,25 @@ from safetensors.torch import load_file
 from editfleet.workers.editing.requests import MAX_TEXT_CHARS
 from editfleet.workers.executor import InProcessExecutor
 from editfleet.workers.store import BASE, CheckpointStore, CorruptArtifact
-from service_support import EIFFEL, FAST_ENGINE, GOLD, LAYER_PROGRESS, LOUVRE, save_model, write_corpus
+from editfleet.workers.evaluation.metrics import perplexity
+from service_support import EIFFEL, FAST_ENGINE, GOLD, LAYER_PROGRESS, LOUVRE, save_model, write_corpus, write_perplexity_text
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("worker")
     return {"model": save_model(root / "tiny-llama"), "corpus": write_corpus(root / "corpus.txt"),
-            "home": root / "home", "root": root}
+            "home": root / "home", "root": root, "ppl_text": write_perplexity_text(root / "general.txt")}
 
 
 def _executor(parts, store_dir) -> InProcessExecutor:
     return InProcessExecutor({"model": str(parts["model"]), "name": "tiny", "store_dir": str(store_dir),
                               "home": str(parts["home"]), "corpus": [str(parts["corpus"])],
-                              "engine_overrides": FAST_ENGINE})
+                              "engine_overrides": FAST_ENGINE, "perplexity_text": str(parts["ppl_text"])})
 
 
-def _run(executor, parent, edits, method="alphaedit", options=None) -> tuple[list[dict], dict]:
-    events = list(executor.collective_stream("run_edit", parent, edits, method, options or {}))
+def _run(executor, parent, edits, method="alphaedit", options=None, limit=None) -> tuple[list[dict], dict]:
+    events = list(executor.collective_stream("run_edit", parent, edits, method, options or {}, limit))
     assert [e["kind"] for e in events[:-1]] == ["progress"] * (len(events) - 1)
     return events[:-1], events[-1]
 
@@ -53,7 +54,8 @@ def chain(parts):
 
 def test_edit_streams_progress_and_writes_a_checkpoint(chain, parts):
     stages = [e["stage"] for e in chain["progress"]]
-    assert stages[0] == "materializing" and stages[-2:] == ["evaluating", "writing"]
+    # A fresh worker first measures the unedited model's perplexity (once, part of loading).
+    assert stages[:2] == ["loading", "materializing"] and stages[-2:] == ["evaluating", "writing"]
     assert {"statistics", "targets", "layer"} <= set(stages)
     layers = [(e["current"], e["total"]) for e in chain["progress"] if e["stage"] == "layer"]
     assert layers == LAYER_PROGRESS
@@ -83,6 +85,45 @@ def test_the_edit_shows_in_queries(chain):
     assert len(after["top_tokens"]) == 3 and after["top_tokens"][0]["probability"] >= after["top_tokens"][1]["probability"]
     [again] = executor.collective_rpc("query", BASE, [prompt], ["Rome", "Paris"], 3)[0]
     assert again["targets"] == before["targets"]  # back to base exactly
+
+
+def test_checkpoints_score_general_ability_against_the_unedited_model(chain, parts):
+    """perplexity_base is the unedited model's perplexity on the worker's text, perplexity the
+    checkpoint's own (re-measured on the materialised chain), perplexity_change their ratio - 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = perplexity(AutoModelForCausalLM.from_pretrained(parts["model"]),
+                      AutoTokenizer.from_pretrained(parts["model"]), parts["ppl_text"])["perplexity"]
+    worker = chain["executor"]._workers[0]
+    for result in (chain["first"], chain["second"]):
+        scores = result["scores"]
+        assert scores["perplexity_base"] == pytest.approx(base, rel=1e-5)
+        worker._materialise(result["checkpoint"])
+        own = perplexity(worker.model, worker.tokenizer, parts["ppl_text"])["perplexity"]
+        assert scores["perplexity"] == pytest.approx(own, rel=1e-5)
+        assert scores["perplexity_change"] == pytest.approx(own / base - 1, rel=1e-5)
+    # The text states the fact the first edit rewrites: the edit must show as a loss.
+    assert chain["first"]["scores"]["perplexity_change"] > 0.01
+
+
+def test_a_perplexity_limit_lands_nothing(chain, parts):
+    """A result above the limit is not stored and the next call starts from the right weights;
+    a stored checkpoint above a new job's limit is not handed out either."""
+    change = chain["first"]["scores"]["perplexity_change"]
+    store = parts["root"] / "store-limit"
+    executor = _executor(parts, store)
+    [before] = executor.collective_rpc("query", BASE, [EIFFEL["prompt"]], ["Rome", "Paris"])[0]
+    _, over = _run(executor, BASE, [EIFFEL], limit=change / 2)
+    assert over["kind"] == "over_limit" and over["field"] == "max_perplexity_increase"
+    assert f"{change:+.1%}" in over["message"] and "nothing was stored" in over["message"]
+    assert not (store / "models" / "tiny" / "checkpoints").exists() or \
+        list((store / "models" / "tiny" / "checkpoints").iterdir()) == []
+    [after] = executor.collective_rpc("query", BASE, [EIFFEL["prompt"]], ["Rome", "Paris"])[0]
+    assert after["targets"] == before["targets"]
+    _, landed = _run(executor, BASE, [EIFFEL], limit=change * 2)  # the same edit under a looser limit
+    assert landed["kind"] == "result" and landed["checkpoint"] == chain["first"]["checkpoint"]
+    _, reused = _run(executor, BASE, [EIFFEL], limit=change / 2)
+    assert reused["kind"] == "over_limit"
 
 
 def test_same_job_on_same_parent_reuses_the_checkpoint(chain):

@@ -35,6 +35,7 @@ from editfleet.workers.editing.config import EditConfig, default_config
 from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests
 from editfleet.workers.editing.targets import resolve_target_dtype
+from editfleet.workers.evaluation.metrics import perplexity
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import head_logits, model_device
@@ -66,12 +67,16 @@ class EditWorker:
             leave an actor with OMP_NUM_THREADS=1).
         device: where the model is held and edited: ``cpu`` (default), ``cuda``, ``cuda:N`` or
             ``auto``. Checkpoint files are always written from (and read onto) the CPU.
+        perplexity_text: text file whose perplexity every checkpoint reports as its general
+            ability (default: the head of WikiText-2's test file, which the default statistics
+            corpus leaves out; the bench measures the same).
     """
 
     def __init__(self, model: str, store_dir: str | os.PathLike[str], home: str | os.PathLike[str] | None = None,
                  corpus: Sequence[str | os.PathLike[str]] | None = None,
                  engine_overrides: Mapping[str, Any] | None = None, name: str | None = None,
-                 threads: int | None = None, device: str | None = "cpu"):
+                 threads: int | None = None, device: str | None = "cpu",
+                 perplexity_text: str | os.PathLike[str] | None = None):
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.source = str(model)
         self.name = name or self.source
@@ -79,6 +84,8 @@ class EditWorker:
         self.cache_dir = editfleet_home(home) / "stats"
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
         self.engine_overrides = dict(engine_overrides or {})
+        self.perplexity_text = Path(perplexity_text) if perplexity_text is not None else None
+        self._base_perplexity: float | None = None
         self.model, self.tokenizer = load_model(self.source, home, device)
         self.adapter = adapter_for(self.model)
         self.num_layers = self.adapter.num_layers(self.model)
@@ -162,11 +169,14 @@ class EditWorker:
     # -- editing --------------------------------------------------------------------------------
 
     def run_edit(self, parent: str, edits: Sequence[Mapping[str, Any]], method: str = "alphaedit",
-                 options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+                 options: Mapping[str, Any] | None = None,
+                 max_perplexity_increase: float | None = None) -> Iterator[dict[str, Any]]:
         """Apply ``edits`` on top of checkpoint ``parent`` and store the result (see module doc).
 
         The same edits on the same parent with the same settings give the same checkpoint id;
-        an existing checkpoint is verified and reused instead of recomputed.
+        an existing checkpoint is verified and reused instead of recomputed. With
+        ``max_perplexity_increase``, a result whose perplexity exceeds the unedited model's by
+        more than that fraction is not stored: the run ends with an ``over_limit`` event.
         """
         try:
             config = self.resolve_config(method, options)
@@ -178,9 +188,20 @@ class EditWorker:
                              config.to_dict(), ENGINE_VERSION)
         if self.store.exists(self.name, ckpt):
             self.store.verify(self.name, ckpt)
-            yield {"kind": "result", "checkpoint": ckpt, "reused": True,
-                   "scores": self.store.read(self.name, ckpt).meta["scores"]}
+            scores = self.store.read(self.name, ckpt).meta["scores"]
+            if max_perplexity_increase is not None and "perplexity_change" not in scores:
+                yield _progress("evaluating")  # a checkpoint stored before perplexity was scored
+                self._measure_base()
+                self._materialise(ckpt)
+                scores = {**scores, **self._general_ability()}
+            if (over := _over_limit(scores, max_perplexity_increase)) is not None:
+                yield over
+                return
+            yield {"kind": "result", "checkpoint": ckpt, "reused": True, "scores": scores}
             return
+        if self._base_perplexity is None:
+            yield _progress("loading")  # once per worker: the unedited model's perplexity
+            self._measure_base()
         yield _progress("materializing")
         self._materialise(parent, config)
         editor = self._editors[_config_key(config)]
@@ -193,7 +214,10 @@ class EditWorker:
         self._state = None  # the weights are about to change: unknown until the batch is stored
         result: BatchResult = yield from _with_progress(lambda progress: editor.apply(requests, progress))
         yield _progress("evaluating")
-        scores = self._scores_after(requests, before, result)
+        scores = {**self._scores_after(requests, before, result), **self._general_ability()}
+        if (over := _over_limit(scores, max_perplexity_increase)) is not None:
+            yield over  # the weights are unknown (self._state None): the next call rebuilds them
+            return
         yield _progress("writing")
         files = {_layer_file(i): save_tensors({"U": _cpu(u), "V": _cpu(v), "K": _cpu(result.keys[i])})
                  for i, (u, v) in result.deltas.items()}
@@ -248,6 +272,21 @@ class EditWorker:
         scores = {k: sum(v) / len(v) for k, v in hits.items()}
         scores["target_prob_mean"] = sum(result.target_prob) / len(result.target_prob)
         return scores
+
+    def _measure_base(self) -> None:
+        """The unedited model's perplexity on the held-out text, once per worker (this resets
+        the weights to base, so it comes before a materialisation)."""
+        if self._base_perplexity is None:
+            self._reset()
+            self._base_perplexity = perplexity(self.model, self.tokenizer, self.perplexity_text)["perplexity"]
+
+    def _general_ability(self) -> dict[str, float]:
+        """Perplexity of the current weights on the held-out text, and its change against the
+        unedited model's (``_measure_base`` first)."""
+        assert self._base_perplexity is not None
+        ppl = perplexity(self.model, self.tokenizer, self.perplexity_text)["perplexity"]
+        return {"perplexity": ppl, "perplexity_base": self._base_perplexity,
+                "perplexity_change": ppl / self._base_perplexity - 1}
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -320,6 +359,16 @@ def _layer_file(layer: int) -> str:
 
 def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _over_limit(scores: Mapping[str, float], limit: float | None) -> dict[str, Any] | None:
+    """The ``over_limit`` event when ``scores`` break the perplexity limit, else None."""
+    if limit is None or scores["perplexity_change"] <= limit:
+        return None
+    return {"kind": "over_limit", "field": "max_perplexity_increase",
+            "message": f"perplexity on the held-out text would be {scores['perplexity']:.3f}, "
+                       f"{scores['perplexity_change']:+.1%} against the unedited model's "
+                       f"{scores['perplexity_base']:.3f} (limit {limit:+.1%}); nothing was stored"}
 
 
 def _progress(stage: str, current: int = 0, total: int = 0) -> dict[str, Any]:

@@ -39,10 +39,12 @@ class Edit(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., subject: _Optional[str] = ..., target_new: _Optional[str] = ..., target_true: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., neighbors: _Optional[_Iterable[str]] = ..., record_id: _Optional[str] = ...) -> None: ...
 
 class EditOptions(_message.Message):
-    __slots__ = ("engine_settings",)
+    __slots__ = ("engine_settings", "max_perplexity_increase")
     ENGINE_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PERPLEXITY_INCREASE_FIELD_NUMBER: _ClassVar[int]
     engine_settings: _struct_pb2.Struct
-    def __init__(self, engine_settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    max_perplexity_increase: float
+    def __init__(self, engine_settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_perplexity_increase: _Optional[float] = ...) -> None: ...
 
 class FieldViolation(_message.Message):
     __slots__ = ("field", "description")
