@@ -55,7 +55,7 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     report = json.loads(out.read_text())
     for phase in ("pre", "post"):
         assert all(0 <= report[phase][k] <= 1 for k in ("efficacy", "generalization", "specificity"))
-        assert report[phase]["fluency"] > 0 and report[phase]["perplexity"] > 1
+        assert report[phase]["fluency"] > 0 and report[phase]["perplexity"] > 1 and report[phase]["perplexity_heldout"] > 1
         # Per batch: two batches of two cases, whose means are the whole run's figures.
         by_batch = report[phase]["by_batch"]
         assert len(by_batch) == 2
@@ -71,6 +71,7 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     assert len(report["perplexity_by_batch"]) == 2
     assert report["perplexity_by_batch"][-1] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
     assert report["perplexity_by_batch"][-1] != pytest.approx(report["pre"]["perplexity"], rel=1e-9)
+    assert report["post"]["perplexity_heldout"] != pytest.approx(report["pre"]["perplexity_heldout"], rel=1e-9)
     # The saved state rebuilds, on the base model, exactly the model that was scored.
     base, tok = load_model(str(model_dir))
     editor = Editor.load_state(base, tok, state, cache_dir=tmp_path / "stats")

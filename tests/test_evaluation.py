@@ -278,6 +278,10 @@ def test_default_statistics_corpus_never_reads_the_perplexity_text(tmp_path, mon
     assert perplexity(model, tok, max_tokens=64, window=32)["tokens"] == 62
     with pytest.raises(ValueError, match="held-out perplexity text"):
         perplexity(model, tok, max_tokens=PERPLEXITY_CHARS + 100, window=512)
+    # max_tokens=None: all of the held-out head (in windows of the tiny model's 256 positions,
+    # each window's first token context only), and nothing past it.
+    n = len(tok(head[:PERPLEXITY_CHARS], add_special_tokens=False)["input_ids"])
+    assert perplexity(model, tok, max_tokens=None)["tokens"] == n - math.ceil(n / 256)
     # The offset is part of the statistics' cache key; a whole file keeps its old digest.
     assert file_digest(corpus) != file_digest([t.path for t in corpus])
     assert file_digest([root / "wiki.valid.raw"]) == file_digest(corpus[:1])

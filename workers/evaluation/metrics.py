@@ -145,18 +145,19 @@ def _first_tokens(tok, text: str, max_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, max_tokens: int = 1024,
+def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, max_tokens: int | None = 1024,
                window: int = 512, batch_size: int = 2, head_chunk: int = 256) -> dict[str, float | int]:
     """Perplexity on a fixed text: the same tokens every call, so pre/post-edit values compare.
 
     ``text_or_path``: a ``Path`` is read as a file, a ``str`` is the text itself; default
     the first ``PERPLEXITY_CHARS`` characters of ``<data_dir>/wikitext-2-raw/wiki.test.raw``,
-    which the default statistics corpus leaves out. Its first ``max_tokens`` tokens are cut into
+    which the default statistics corpus leaves out. Its first ``max_tokens`` tokens (None: all of
+    them; the default 1024 tokens are the held-out text's first article alone) are cut into
     non-overlapping windows of ``window`` tokens (fewer if the model's context is shorter), each preceded by the tokenizer's BOS when it
     uses one (then every token is predicted; otherwise each window's first token is context).
     The LM head runs on ``head_chunk`` positions at a time to bound memory (262k vocab).
     """
-    if max_tokens < 2 or window < 2:
+    if (max_tokens is not None and max_tokens < 2) or window < 2:
         raise ValueError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
     held_out = text_or_path is None
     if held_out:
@@ -164,8 +165,9 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
     text = text_or_path.read_text(encoding="utf-8") if isinstance(text_or_path, Path) else text_or_path
     if held_out:
         text = text[:PERPLEXITY_CHARS]
-    ids = _first_tokens(tok, text, max_tokens)
-    if held_out and len(ids) < max_tokens:
+    ids = _first_tokens(tok, text, max_tokens) if max_tokens is not None else \
+        tok(text, add_special_tokens=False)["input_ids"]
+    if held_out and max_tokens is not None and len(ids) < max_tokens:
         raise ValueError(f"max_tokens={max_tokens}: the held-out perplexity text ({PERPLEXITY_CHARS} characters "
                          f"of {WIKITEXT_TEST}) has only {len(ids)} tokens")
     prefix = prompt_prefix(tok)
