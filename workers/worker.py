@@ -7,8 +7,10 @@ any checkpoint exactly as if it had never stopped. The worker writes the checkpo
 the scheduler decides heads and ordering. How calls reach a worker is ``executor.py``'s job.
 
 ``run_edit`` is a generator of events (dicts with ``kind``): ``progress`` events while it
-works, then exactly one ``result`` or ``rejected`` (the engine refused the edits: field
-violations, nothing changed). Events are plain data so they cross process boundaries as is.
+works, then exactly one ``result``, ``rejected`` (the engine refused the edits: field
+violations, nothing changed) or ``over_limit`` (the result broke the job's perplexity limit:
+nothing stored). Events are plain data so they cross process boundaries as is. Every result's
+scores include the perplexity of the held-out text against the unedited model's.
 """
 
 from __future__ import annotations
