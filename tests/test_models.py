@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from editfleet.workers.models.adapters import adapter_for
+from editfleet.workers.models.forward import context_length
 from editfleet.workers.models.registry import (
     MANIFEST,
     ModelNotInstalledError,
@@ -51,6 +52,15 @@ def test_tiny_model_is_deterministic_per_seed(family):
     other, _ = tiny_model(family, seed=4)
     assert weights_digest(first) == weights_digest(again)
     assert weights_digest(first) != weights_digest(other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_context_length_reads_every_family(family):
+    """GPT-2 calls it n_positions; the tiny configs set 256 positions under either name."""
+    model, _ = tiny_model(family)
+    assert context_length(model) == 256
+    model.config.max_position_embeddings = 77
+    assert context_length(model) == 77
 
 
 def test_tiny_model_config_overrides_and_unknown_family():

@@ -40,7 +40,7 @@ from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
-from editfleet.workers.models.forward import head_logits, model_device
+from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
 from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id
 
@@ -296,7 +296,7 @@ class EditWorker:
         """What this worker serves (also the first call, which waits for the model to load)."""
         return {"name": self.name, "source": self.source, "family": self.adapter.family,
                 "num_layers": self.num_layers, "model_type": self.model.config.model_type,
-                "context": getattr(self.model.config, "max_position_embeddings", None)}
+                "context": context_length(self.model)}
 
     @torch.no_grad()
     def query(self, ckpt_id: str, prompts: Sequence[str], targets: Sequence[str] = (), top_k: int = 5) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsC
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
-from editfleet.workers.models.forward import model_device
+from editfleet.workers.models.forward import context_length, model_device
 
 Progress = Callable[[str, int, int], None]
 LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -130,7 +130,7 @@ class Editor:
         if any(r is None for r in requests):
             parsed = iter(parse_requests([r for r in records if not isinstance(r, EditRequest)]))
             requests = [r if r is not None else next(parsed) for r in requests]
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        limit = context_length(self.model) or 2048
         prefix = (self.config.prefix_tokens + 8) if self.config.n_prefixes else 0
         violations = []
         for i, req in enumerate(requests):

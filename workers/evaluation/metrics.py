@@ -19,7 +19,7 @@ from torch import nn
 from editfleet.workers.evaluation.data import EvalCase, data_dir
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate
 from editfleet.workers.evaluation.scoring import TargetScore, prompt_prefix, score_targets
-from editfleet.workers.models.forward import final_hidden, head_logits, model_device
+from editfleet.workers.models.forward import context_length, final_hidden, head_logits, model_device
 
 WIKITEXT_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
 # The default perplexity text is read from this head of WIKITEXT_TEST only, and the default
@@ -171,7 +171,7 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
         raise ValueError(f"max_tokens={max_tokens}: the held-out perplexity text ({PERPLEXITY_CHARS} characters "
                          f"of {WIKITEXT_TEST}) has only {len(ids)} tokens")
     prefix = prompt_prefix(tok)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model)
     if context:  # a window never runs past the model's positions (tiny test models have 256)
         window = min(window, context - len(prefix))
     windows = [prefix + ids[i:i + window] for i in range(0, len(ids), window)]

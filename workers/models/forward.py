@@ -16,6 +16,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def context_length(model: nn.Module) -> int | None:
+    """How many positions the model takes (GPT-2's ``n_positions`` reads through the same name);
+    None when its config does not say. Prompts, perplexity windows and ``describe`` all ask here."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states after the final norm, (batch, seq, d_model)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
