@@ -77,3 +77,34 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     editor = Editor.load_state(base, tok, state, cache_dir=tmp_path / "stats")
     assert len(editor.history) == 2 and report["state"] == str(state)
     assert perplexity(base, tok)["perplexity"] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
+
+
+def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
+    try:
+        data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"evaluation data not available: {exc}")
+    model_dir = save_tiny(tmp_path / "model", "llama", seed=1)
+    corpus = tmp_path / "facts.txt"
+    corpus.write_text(" ".join(f"{s} speaks {t}." for _, s, t, _ in FACTS * 200))
+    with pytest.raises(SystemExit, match="--corpus: no such file: .*missing.txt"):
+        bench.main(["--model", str(model_dir), "--corpus", str(tmp_path / "missing.txt")])
+    out, stats = tmp_path / "bench.json", tmp_path / "stats"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([
+            "--model", str(model_dir), "--data", str(_write_counterfact(tmp_path / "cf.json")), "--edits", "2",
+            "--batch", "2", "--threads", "1", "--fluency-cases", "2", "--cache-dir", str(stats),
+            "--corpus", str(corpus), "--set", "stats_tokens=1000", "--set", "v_max_steps=2", "--json", str(out),
+        ]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["corpus"] == [str(corpus)]
+    # An editor given the same corpus finds every statistic in the cache: the bench read that file.
+    cached = sorted(stats.rglob("*.safetensors"))
+    model, tok = load_model(str(model_dir))
+    editor = Editor.for_model(model, tok, cache_dir=stats, corpus=[corpus], stats_tokens=1000)
+    editor.projectors()
+    assert sorted(stats.rglob("*.safetensors")) == cached
+    Editor.for_model(model, tok, cache_dir=stats, stats_tokens=1000).statistics()  # the default corpus
+    assert len(sorted(stats.rglob("*.safetensors"))) > len(cached)

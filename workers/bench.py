@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"engine setting override (repeatable); settings: "
                         f"{', '.join(f.name for f in EditConfig.__dataclass_fields__.values())}")
     p.add_argument("--home", help="model cache folder (default: $EDITFLEET_HOME or ~/.cache/editfleet)")
+    p.add_argument("--corpus", action="append", default=[], metavar="FILE",
+                   help="statistics corpus text file, instead of the default WikiText-2 (repeatable, read in "
+                        "order; as `editfleet serve --corpus`)")
     p.add_argument("--cache-dir", help="statistics/projector cache (default: <home>/stats)")
     p.add_argument("--fluency-cases", type=int, default=100)
     p.add_argument("--track-perplexity", action="store_true",
@@ -113,6 +116,10 @@ def run(args) -> dict[str, Any]:
     from editfleet.workers.evaluation.metrics import perplexity
     from editfleet.workers.models.registry import editfleet_home, load_model
 
+    corpus = [Path(c) for c in args.corpus] or None
+    missing = [str(c) for c in corpus or [] if not c.is_file()]
+    if missing:
+        raise SystemExit(f"--corpus: no such file: {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -121,7 +128,7 @@ def run(args) -> dict[str, Any]:
     cases, rejected = _cases(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else editfleet_home(args.home) / "stats"
     overrides = {"seed": args.seed, **_overrides(args.overrides)}
-    editor = Editor.for_model(model, tok, args.method, cache_dir=cache_dir, **overrides)
+    editor = Editor.for_model(model, tok, args.method, cache_dir=cache_dir, corpus=corpus, **overrides)
     print(f"[bench] {args.model} {args.method} {args.dataset}: {len(cases)} edits in batches of {args.batch}; "
           f"layers {list(editor.config.layers)}", file=sys.stderr)
 
@@ -187,6 +194,7 @@ def run(args) -> dict[str, Any]:
         "pre": pre, "post": post, "timing": timing,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": editor.config.to_dict(),
+        "corpus": [str(c) for c in corpus] if corpus else "default",
         "projectors": {str(i): v for i, v in editor.projector_info.items()},
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
                     "converged": sum(p >= 0.95 for p in probs) / len(probs),
