@@ -35,12 +35,17 @@ def _write_counterfact(path: Path) -> Path:
     return path
 
 
-def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tmp_path):
+def _tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny llama saved as a local model folder; skips when the evaluation data is absent."""
     try:
         data_dir()
     except FileNotFoundError as exc:
         pytest.skip(f"evaluation data not available: {exc}")
-    model_dir = save_tiny(tmp_path / "model", "llama", seed=1)
+    return save_tiny(tmp_path / "model", "llama", seed=1)
+
+
+def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tmp_path):
+    model_dir = _tiny_model_dir(tmp_path)
     out, state = tmp_path / "bench.json", tmp_path / "state"
     threads = torch.get_num_threads()
     try:
@@ -80,11 +85,7 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
 
 
 def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
-    try:
-        data_dir()
-    except FileNotFoundError as exc:
-        pytest.skip(f"evaluation data not available: {exc}")
-    model_dir = save_tiny(tmp_path / "model", "llama", seed=1)
+    model_dir = _tiny_model_dir(tmp_path)
     corpus = tmp_path / "facts.txt"
     corpus.write_text(" ".join(f"{s} speaks {t}." for _, s, t, _ in FACTS * 200))
     with pytest.raises(SystemExit, match="--corpus: no such file: .*missing.txt"):
