@@ -88,7 +88,7 @@ def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
     model_dir = _tiny_model_dir(tmp_path)
     corpus = tmp_path / "facts.txt"
     corpus.write_text(" ".join(f"{s} speaks {t}." for _, s, t, _ in FACTS * 200))
-    with pytest.raises(SystemExit, match="--corpus: no such file: .*missing.txt"):
+    with pytest.raises(SystemExit, match="--corpus: statistics corpus not found: .*missing.txt"):
         bench.main(["--model", str(model_dir), "--corpus", str(tmp_path / "missing.txt")])
     out, stats = tmp_path / "bench.json", tmp_path / "stats"
     threads = torch.get_num_threads()
@@ -109,3 +109,5 @@ def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
     assert sorted(stats.rglob("*.safetensors")) == cached
     Editor.for_model(model, tok, cache_dir=stats, stats_tokens=1000).statistics()  # the default corpus
     assert len(sorted(stats.rglob("*.safetensors"))) > len(cached)
+    with pytest.raises(FileNotFoundError, match="statistics corpus not found: .*missing.txt"):
+        Editor.for_model(model, tok, cache_dir=stats, corpus=[corpus, tmp_path / "missing.txt"])

@@ -112,14 +112,15 @@ def _evaluate(args, model, tok, cases) -> dict[str, Any]:
 
 def run(args) -> dict[str, Any]:
     from editfleet.workers.editing.engine import Editor
+    from editfleet.workers.editing.statistics import checked_corpus
     from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
     from editfleet.workers.evaluation.metrics import perplexity
     from editfleet.workers.models.registry import editfleet_home, load_model
 
-    corpus = [Path(c) for c in args.corpus] or None
-    missing = [str(c) for c in corpus or [] if not c.is_file()]
-    if missing:
-        raise SystemExit(f"--corpus: no such file: {', '.join(missing)}")
+    try:  # before the model loads
+        corpus = checked_corpus(args.corpus) if args.corpus else None
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--corpus: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -194,7 +195,7 @@ def run(args) -> dict[str, Any]:
         "pre": pre, "post": post, "timing": timing,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": editor.config.to_dict(),
-        "corpus": [str(c) for c in corpus] if corpus else "default",
+        "corpus": [str(c.path) for c in corpus] if corpus else "default",
         "projectors": {str(i): v for i, v in editor.projector_info.items()},
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
                     "converged": sum(p >= 0.95 for p in probs) / len(probs),

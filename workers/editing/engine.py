@@ -26,7 +26,7 @@ from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
                                                 parse_requests)
 from editfleet.workers.editing.runner import SubjectReplay
-from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, as_corpus,
+from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update
@@ -70,11 +70,8 @@ def default_corpus() -> list[CorpusText]:
     from editfleet.workers.evaluation.metrics import PERPLEXITY_CHARS, WIKITEXT_TEST
 
     root = data_dir()
-    corpus = [CorpusText(root / "wikitext-2-raw" / "wiki.valid.raw"), CorpusText(root / WIKITEXT_TEST, PERPLEXITY_CHARS)]
-    missing = [str(t.path) for t in corpus if not t.path.exists()]
-    if missing:
-        raise FileNotFoundError(f"statistics corpus not found: {', '.join(missing)}")
-    return corpus
+    return checked_corpus([CorpusText(root / "wikitext-2-raw" / "wiki.valid.raw"),
+                           CorpusText(root / WIKITEXT_TEST, PERPLEXITY_CHARS)])
 
 
 class Editor:
@@ -102,7 +99,7 @@ class Editor:
             raise ValueError(f"the last edited layer must be below the model's last layer ({n_layers - 1}): "
                              "a value at the subject reaches the answer only through later layers")
         self.cache = StatsCache(Path(cache_dir))
-        self.corpus = as_corpus(corpus) if corpus is not None else None
+        self.corpus = checked_corpus(corpus) if corpus is not None else None
         self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
         # K_p K_p^T per layer: the keys of earlier batches that do not rejoin updates by target.
         self.memory = {i: torch.zeros(w.shape[1], w.shape[1], device=self.device) for i, w in self._base.items()}

@@ -48,6 +48,15 @@ def as_corpus(items: Sequence[str | os.PathLike[str] | CorpusText]) -> list[Corp
     return [t if isinstance(t, CorpusText) else CorpusText(Path(t)) for t in items]
 
 
+def checked_corpus(items: Sequence[str | os.PathLike[str] | CorpusText]) -> list[CorpusText]:
+    """``as_corpus``, or ``FileNotFoundError`` naming every file that is not there."""
+    corpus = as_corpus(items)
+    missing = [str(t.path) for t in corpus if not t.path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"statistics corpus not found: {', '.join(missing)}")
+    return corpus
+
+
 def file_digest(corpus: Sequence[str | os.PathLike[str] | CorpusText]) -> str:
     h = hashlib.sha256()
     for t in as_corpus(corpus):
