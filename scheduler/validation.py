@@ -119,6 +119,8 @@ def _coerce(value: Any, default: Any) -> Any:
         return value
     if isinstance(default, int):
         return integer(value)
+    if default is None and value is None:  # an optional setting turned off (Struct null)
+        return None
     if isinstance(default, float) or default is None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"must be a number, got {value!r}")

@@ -146,7 +146,8 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
 
 
 @pytest.mark.parametrize("field, value", [("post_norm_iterations", 0), ("update_rounds", -1), ("v_lr", 0.0),
-                                          ("null_moment_weight", -1.0), ("nullspace_energy", 1.0)])
+                                          ("null_moment_weight", -1.0), ("nullspace_energy", 1.0),
+                                          ("spectral_cap", 0.0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -183,6 +184,37 @@ def test_memory_weight_keeps_earlier_edits_in_place(tmp_path, corpus):
         gap[weight] = max(second.value_gap)
     assert moved[100.0] < 0.5 * moved[1.0], moved
     assert gap[100.0] < 0.3, gap
+
+
+def test_spectral_cap_clips_the_last_layer_and_keeps_the_null_space(tmp_path, corpus):
+    """The clip binds on the accumulated delta of the last layer only, stays inside the null
+    space, and is part of the batch's factors (a replay of them rebuilds the clipped weights)."""
+    free = make_editor(tmp_path, corpus, spectral_cap=None)
+    free.contexts = ["{}", "Once upon a time. {}"]
+    free.apply(REQUESTS[:2])
+    free.apply(REQUESTS[2:])
+    last = free.config.layers[-1]
+    base_norm = float(torch.linalg.matrix_norm(free._base[last], 2))
+    top = float(torch.linalg.matrix_norm(free.adapter.weight(free.model, last) - free._base[last], 2))
+
+    cap = 0.5 * top / base_norm
+    editor = make_editor(tmp_path, corpus, spectral_cap=cap)
+    keys = preserved_keys(editor, corpus)
+    before = projection_weights(editor)
+    editor.contexts = free.contexts
+    results = [editor.apply(REQUESTS[:2]), editor.apply(REQUESTS[2:])]
+    after = projection_weights(editor)
+    clipped = float(torch.linalg.matrix_norm(after[last] - before[last], 2))
+    assert clipped <= cap * base_norm * (1 + 1e-4), (clipped, cap * base_norm)
+    assert relative_output_change(editor, keys, before) <= 1e-4
+    # Only the last layer gains columns, and only where the clip bound.
+    first, second = results
+    assert second.deltas[last][0].shape[1] > second.deltas[free.config.layers[0]][0].shape[1]
+    editor.restore_base()
+    for result in results:
+        editor.replay(result.deltas, result.keys)
+    for i, w in after.items():
+        torch.testing.assert_close(projection_weights(editor)[i], w, rtol=1e-5, atol=1e-6)
 
 
 def test_memit_moves_preserved_outputs(tmp_path, corpus):
@@ -277,14 +309,17 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 """
 
 
-@pytest.mark.parametrize("earlier_edits", ["keys", "targets"])
-def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits):
-    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits)
+@pytest.mark.parametrize("earlier_edits, spectral_cap", [("keys", None), ("targets", None), ("keys", 0.05)])
+def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap):
+    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits, spectral_cap=spectral_cap)
     editor.apply(REQUESTS[0:1])
     editor.apply(REQUESTS[1:2])
     editor.save_state(tmp_path / "state")
     editor.apply(REQUESTS[2:3])
     one_process = projection_weights(editor)
+    if spectral_cap is not None:  # the clip bound, so the resumed run must reproduce it
+        u_last, u_first = editor.history[-1].deltas[editor.config.layers[-1]][0], editor.history[-1].deltas[editor.config.layers[0]][0]
+        assert u_last.shape[1] > u_first.shape[1]
 
     out = tmp_path / "resumed.pt"
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "state"), str(tmp_path / "cache"),

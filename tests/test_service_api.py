@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from editfleet.client import EditClient, EditFleetError
 from editfleet.scheduler.config import SchedulerConfig
 from editfleet.scheduler.server import Scheduler
+from editfleet.scheduler.validation import coerce_settings
 from editfleet.v1 import editfleet_pb2 as pb
 from editfleet.v1 import editfleet_pb2_grpc as pb_grpc
 from editfleet.workers.store import BASE, CheckpointStore, checkpoint_id
@@ -118,6 +119,13 @@ def test_bad_submissions_are_refused_with_field_details(stub, client, case, fiel
     violations = _violations(error)
     assert field in violations and text in violations[field], violations
     assert len(client.jobs()) == before  # nothing queued
+
+
+def test_engine_settings_take_null_only_where_the_setting_is_optional():
+    settings, violations = coerce_settings({"spectral_cap": None, "nullspace_energy": 0.1}, "options.engine_settings")
+    assert violations == [] and settings == {"spectral_cap": None, "nullspace_energy": 0.1}
+    _, violations = coerce_settings({"v_lr": None}, "options.engine_settings")
+    assert violations == [("options.engine_settings.v_lr", "must be a number, got None")]
 
 
 def test_non_utf8_text_is_invalid_argument_naming_the_field(server, client):

@@ -29,7 +29,7 @@ from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
-from editfleet.workers.editing.update import solve_update
+from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
 
@@ -232,6 +232,8 @@ class Editor:
             # The passes added their deltas one by one; apply the batch's factors exactly as a
             # replay does (one U @ V^T per layer on the weights before the batch), so a
             # checkpoint rebuilt from its factors is bitwise the model that made it.
+            if cfg.spectral_cap is not None:
+                deltas = self._clip_spectrum(deltas, snapshot)
             self._set_weights(snapshot)
             for i, (u, v) in deltas.items():
                 adapter.add_delta(model, i, u @ v.T)
@@ -303,6 +305,18 @@ class Editor:
         deltas = {layer: (torch.cat([u for u, _ in fs], 1), torch.cat([v for _, v in fs], 1))
                   for layer, fs in factors.items()}
         return deltas, start
+
+    def _clip_spectrum(self, deltas: LowRank, snapshot: dict[int, torch.Tensor]) -> LowRank:
+        """The batch's factors with the last layer's ``spectral_cap`` correction appended: it acts
+        on the delta of every batch so far, and keys of the edited layers do not depend on it."""
+        last = self.config.layers[-1]
+        u, v = deltas[last]
+        base = self._base[last]
+        limit = self.config.spectral_cap * float(torch.linalg.matrix_norm(base.to(torch.float64), 2))
+        correction = spectral_clip(snapshot[last] + u @ v.T - base, limit)
+        if correction is None:
+            return deltas
+        return {**deltas, last: (torch.cat([u, correction[0]], 1), torch.cat([v, correction[1]], 1))}
 
     def _batch_keys(self, at: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Keys (``at``: one per row, at the subject's last token) averaged over each request's

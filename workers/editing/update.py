@@ -46,3 +46,15 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Te
         # directions (2e-4 relative output change at lambda = 3000 on a tiny model): project it out.
         v = p @ v
     return resid.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
+
+
+def spectral_clip(delta: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factors (U, V) of the correction that clips ``delta``'s singular values at ``limit``
+    (None when none exceeds it): ``delta + U @ V.T`` has spectral norm ``limit``. V spans
+    directions of ``delta``'s row space, so a correction of a null-space update stays in P's range."""
+    left, values, right_t = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    over = values > limit
+    if not bool(over.any()):
+        return None
+    u = -left[:, over] * (values[over] - limit)
+    return u.to(torch.float32).contiguous(), right_t[over].T.to(torch.float32).contiguous()
