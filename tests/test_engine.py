@@ -208,7 +208,7 @@ def test_spectral_cap_clips_the_last_layer_and_keeps_the_null_space(tmp_path, co
     assert clipped <= cap * base_norm * (1 + 1e-4), (clipped, cap * base_norm)
     assert relative_output_change(editor, keys, before) <= 1e-4
     # Only the last layer gains columns, and only where the clip bound.
-    first, second = results
+    second = results[1]
     assert second.deltas[last][0].shape[1] > second.deltas[free.config.layers[0]][0].shape[1]
     editor.restore_base()
     for result in results:

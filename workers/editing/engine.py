@@ -8,6 +8,7 @@ sequential-editing memory K_p. A batch is applied whole or not at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from contextlib import contextmanager
@@ -229,11 +230,11 @@ class Editor:
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, progress)
+            if cfg.spectral_cap is not None:
+                deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
             # replay does (one U @ V^T per layer on the weights before the batch), so a
             # checkpoint rebuilt from its factors is bitwise the model that made it.
-            if cfg.spectral_cap is not None:
-                deltas = self._clip_spectrum(deltas, snapshot)
             self._set_weights(snapshot)
             for i, (u, v) in deltas.items():
                 adapter.add_delta(model, i, u @ v.T)
@@ -306,14 +307,18 @@ class Editor:
                   for layer, fs in factors.items()}
         return deltas, start
 
+    @functools.cached_property
+    def _clip_limit(self) -> float:
+        """``spectral_cap`` times the base weight's largest singular value (the base never changes)."""
+        base = self._base[self.config.layers[-1]]
+        return self.config.spectral_cap * float(torch.linalg.matrix_norm(base.to(torch.float64), 2))
+
     def _clip_spectrum(self, deltas: LowRank, snapshot: dict[int, torch.Tensor]) -> LowRank:
         """The batch's factors with the last layer's ``spectral_cap`` correction appended: it acts
         on the delta of every batch so far, and keys of the edited layers do not depend on it."""
         last = self.config.layers[-1]
         u, v = deltas[last]
-        base = self._base[last]
-        limit = self.config.spectral_cap * float(torch.linalg.matrix_norm(base.to(torch.float64), 2))
-        correction = spectral_clip(snapshot[last] + u @ v.T - base, limit)
+        correction = spectral_clip(snapshot[last] + u @ v.T - self._base[last], self._clip_limit)
         if correction is None:
             return deltas
         return {**deltas, last: (torch.cat([u, correction[0]], 1), torch.cat([v, correction[1]], 1))}
