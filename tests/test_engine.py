@@ -186,6 +186,45 @@ def test_memory_weight_keeps_earlier_edits_in_place(tmp_path, corpus):
     assert gap[100.0] < 0.3, gap
 
 
+def prompt_outputs(editor: Editor, requests) -> dict[int, torch.Tensor]:
+    """Each edited projection's output at every token of the requests' prompts and targets."""
+    rows = context_rows(editor.tokenizer, requests, ["{}"], with_targets=True)
+    with capture_projection(editor.model, editor.adapter, list(editor.config.layers), outputs=True) as seen:
+        LayerRunner(editor.model, editor.adapter, rows.input_ids, rows.attention_mask, start=0,
+                    stop=editor.config.layers[-1])
+    return {i: seen["out"][i][rows.attention_mask.bool()] for i in editor.config.layers}
+
+
+def test_prompt_memory_keeps_earlier_prompts_in_place(tmp_path, corpus):
+    """With the prompt memory a later batch moves what an earlier batch's prompts compute (every
+    token, every edited layer) much less, and still lands; its K_p gains exactly the weighted
+    moments, which a replay of the batch with its requests rebuilds."""
+    moved, gap = {}, {}
+    for weight in (0.0, 10.0):
+        editor = make_editor(tmp_path, corpus, prompt_memory_weight=weight)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        first = editor.apply(REQUESTS[:2])
+        before = prompt_outputs(editor, REQUESTS[:2])
+        memory = {i: m.clone() for i, m in editor.memory.items()}
+        second = editor.apply(REQUESTS[2:])
+        after = prompt_outputs(editor, REQUESTS[:2])
+        moved[weight] = max(float((after[i] - before[i]).norm() / before[i].norm()) for i in before)
+        gap[weight] = max(second.value_gap)
+    assert moved[10.0] < 0.5 * moved[0.0], moved
+    assert gap[10.0] < 0.3, gap
+    last = editor.config.layers[-1]
+    prompt_part = memory[last] - first.keys[last] @ first.keys[last].T
+    assert float(prompt_part.norm()) > 0.1 * float(memory[last].norm())  # the prompt tokens joined K_p
+    editor.restore_base()
+    base = projection_weights(editor)
+    with pytest.raises(ValueError, match="requests"):
+        editor.replay(first.deltas, first.keys)
+    assert all(torch.equal(w, base[i]) for i, w in projection_weights(editor).items())  # refused whole
+    editor.replay(first.deltas, first.keys, REQUESTS[:2])
+    for i, m in memory.items():
+        torch.testing.assert_close(editor.memory[i], m, rtol=1e-5, atol=1e-5)
+
+
 def test_spectral_cap_clips_the_last_layer_and_keeps_the_null_space(tmp_path, corpus):
     """The clip binds on the accumulated delta of the last layer only, stays inside the null
     space, and is part of the batch's factors (a replay of them rebuilds the clipped weights)."""
@@ -309,9 +348,11 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 """
 
 
-@pytest.mark.parametrize("earlier_edits, spectral_cap", [("keys", None), ("targets", None), ("keys", 0.05)])
-def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap):
-    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits, spectral_cap=spectral_cap)
+@pytest.mark.parametrize("earlier_edits, spectral_cap, prompt_memory_weight",
+                         [("keys", None, 0.0), ("targets", None, 0.0), ("keys", 0.05, 0.0), ("keys", None, 0.5)])
+def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap, prompt_memory_weight):
+    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits, spectral_cap=spectral_cap,
+                         prompt_memory_weight=prompt_memory_weight)
     editor.apply(REQUESTS[0:1])
     editor.apply(REQUESTS[1:2])
     editor.save_state(tmp_path / "state")

@@ -150,26 +150,30 @@ def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, 
             torch.testing.assert_close(cold[key], warm[key], rtol=1e-4, atol=1e-6)
 
 
-def test_earlier_edits_by_target_continue_identically_in_a_fresh_worker(parts):
+@pytest.mark.parametrize("options", [{"earlier_edits": "targets"}, {"prompt_memory_weight": 1.0}], ids=["targets", "prompt-memory"])
+def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worker(parts, options):
     """With ``earlier_edits="targets"`` the stored requests and target values rejoin each later
-    update: a worker rebuilding the chain from the store computes the same next checkpoint."""
-    options = {"earlier_edits": "targets"}
-    warm = _executor(parts, parts["root"] / "store-targets")
+    update; with ``prompt_memory_weight`` the stored requests' prompts are replayed into K_p: a
+    worker rebuilding the chain from the store computes the same next checkpoint."""
+    name = next(iter(options))
+    warm_store, fresh_store = parts["root"] / f"store-{name}", parts["root"] / f"store-{name}-copy"
+    warm = _executor(parts, warm_store)
     _, first = _run(warm, BASE, [EIFFEL], options=options)
     _, second = _run(warm, first["checkpoint"], [LOUVRE], options=options)
-    shutil.copytree(parts["root"] / "store-targets", parts["root"] / "store-targets-copy")
-    fresh = _executor(parts, parts["root"] / "store-targets-copy")
+    shutil.copytree(warm_store, fresh_store)
+    fresh = _executor(parts, fresh_store)
     _, warm_third = _run(warm, second["checkpoint"], [GOLD], options=options)
     _, fresh_third = _run(fresh, second["checkpoint"], [GOLD], options=options)
     assert warm_third["checkpoint"] == fresh_third["checkpoint"] and not fresh_third["reused"]
     for layer in FAST_ENGINE["layers"]:
-        name = f"models/tiny/checkpoints/{warm_third['checkpoint']}/layer{layer:03d}.safetensors"
-        a, b = load_file(parts["root"] / "store-targets" / name), load_file(parts["root"] / "store-targets-copy" / name)
+        path = f"models/tiny/checkpoints/{warm_third['checkpoint']}/layer{layer:03d}.safetensors"
+        a, b = load_file(warm_store / path), load_file(fresh_store / path)
         for key in ("U", "V", "K"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
-    # Each later batch solved for the earlier requests too: one factor column per request and pass.
-    rank = load_file(parts["root"] / "store-targets" / name)["U"].shape[1]
-    assert rank == 3 * FAST_ENGINE["update_rounds"]
+    # With targets each later batch solved for the earlier requests too: one factor column per
+    # request and pass; the prompt memory only constrains the solve.
+    rank = load_file(warm_store / path)["U"].shape[1]
+    assert rank == (3 if name == "earlier_edits" else 1) * FAST_ENGINE["update_rounds"]
 
 
 def test_refused_edits_change_nothing(chain):

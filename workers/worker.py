@@ -146,11 +146,14 @@ class EditWorker:
             deltas, keys = self._load_batch(record)
             # Target values matter only to an editor that rejoins earlier batches by them.
             requests, z, z_layer = self._load_targets(record) if editor.uses_targets else (None, None, None)
-            editor.replay({i: d for i, d in deltas.items() if i in own}, {i: k for i, k in keys.items() if i in own},
-                          requests, z, z_layer)
+            if requests is None and editor.uses_prompt_memory:
+                requests = parse_requests(record.meta["edits"])
+            # Layers of other settings first: the prompt memory reads the weights the batch left.
             for i, (u, v) in deltas.items():
                 if i not in own:
                     self.adapter.add_delta(self.model, i, u @ v.T)
+            editor.replay({i: d for i, d in deltas.items() if i in own}, {i: k for i, k in keys.items() if i in own},
+                          requests, z, z_layer)
         self._state = (ckpt_id, key)
 
     def _load_batch(self, record: CheckpointRecord) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:

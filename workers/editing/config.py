@@ -69,6 +69,12 @@ class EditConfig:
             pulled back to its target (the update's cost then grows with every edit so far).
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
+        prompt_memory_weight: weight, per token, of the keys at every token of earlier edits'
+            prompts and target prefixes (on the model they left), added to K_p beside their
+            subject keys (0: the paper's subject keys only). A later batch then keeps the whole
+            computation of an earlier edit's answer in place, not only its subject's value, where
+            the subject key's drift through the prompt's other tokens erodes it (see
+            docs/benchmarks.md). Rebuilt from the stored requests when a chain is replayed.
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).
@@ -103,6 +109,7 @@ class EditConfig:
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
     memory_weight: float = 1.0
+    prompt_memory_weight: float = 0.0
     stats_tokens: int = 100_000
     stats_max_length: int = 256
     stats_batch_size: int = 8
@@ -129,6 +136,8 @@ class EditConfig:
             raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
         if self.memory_weight < 0:
             raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
+        if self.prompt_memory_weight < 0:
+            raise ValueError(f"prompt_memory_weight must be >= 0, got {self.prompt_memory_weight}")
         if self.null_moment_weight < 0:
             raise ValueError(f"null_moment_weight must be >= 0, got {self.null_moment_weight}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):

@@ -26,7 +26,7 @@ from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
                                                 parse_requests)
-from editfleet.workers.editing.runner import SubjectReplay
+from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, capture_projection
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
@@ -35,6 +35,8 @@ from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
 
 Progress = Callable[[str, int, int], None]
+# Rows per forward pass when the prompt memory is gathered (bounds its memory, not its result).
+PROMPT_MEMORY_ROWS = 64
 LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -245,11 +247,12 @@ class Editor:
             keys = {i: self._batch_keys(replay.keys[i], rows)[:, first:].contiguous() for i in cfg.layers}
             end_values = replay.hidden[torch.arange(0, rows.size, len(self.contexts), device=self.device)][len(earlier):]
             start_values = start_values[len(earlier):]
+            prompt_moments = self._prompt_moments(requests) if self.uses_prompt_memory else None
             timings["update_seconds"] = time.perf_counter() - t
         except BaseException:
             self._set_weights(snapshot)
             raise
-        self._remember(StoredBatch(deltas, keys, list(requests), targets.z, cfg.layers[-1]))
+        self._remember(StoredBatch(deltas, keys, list(requests), targets.z, cfg.layers[-1]), prompt_moments)
         if progress:
             progress("done", len(requests), len(requests))
         return BatchResult(deltas=deltas, keys=keys, target_prob=[float(torch.exp(torch.tensor(-x))) for x in targets.nll],
@@ -347,18 +350,54 @@ class Editor:
     def _rejoining(self) -> list[StoredBatch]:
         return [b for b in self.history if self._rejoins(b)]
 
-    def _remember(self, batch: StoredBatch) -> None:
+    @property
+    def uses_prompt_memory(self) -> bool:
+        """Whether K_p also holds every token of earlier edits' prompts (``prompt_memory_weight``)."""
+        return self.config.sequential_memory and self.config.prompt_memory_weight > 0
+
+    def _remember(self, batch: StoredBatch, prompt_moments: dict[int, torch.Tensor] | None = None) -> None:
+        """Add an applied batch to the memory; without ``prompt_moments`` (when the prompt memory
+        is on) they are computed here, so the model must hold the weights the batch left."""
+        if self.uses_prompt_memory and prompt_moments is None:
+            if batch.requests is None:
+                raise ValueError("prompt_memory_weight needs every earlier batch's requests; a batch was given without them")
+            prompt_moments = self._prompt_moments(batch.requests)
         if not self._rejoins(batch):
             for i, k in batch.keys.items():
                 self.memory[i] += k @ k.T
+        if prompt_moments is not None:
+            for i, moment in prompt_moments.items():
+                self.memory[i] += self.config.prompt_memory_weight * moment
         self.history.append(batch)
+
+    def _prompt_moments(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+        """Per edited layer, K K^T of the keys at every token of the requests' bare prompts and
+        their targets' leading tokens (BOS left out: every text shares it), on the current weights."""
+        layers = list(self.config.layers)
+        rows = context_rows(self.tokenizer, requests, ["{}"], with_targets=True).to(self.device)
+        keep = rows.attention_mask.bool()
+        if self.tokenizer.bos_token_id is not None:
+            keep &= rows.input_ids != self.tokenizer.bos_token_id
+        moments = {i: torch.zeros_like(self.memory[i]) for i in layers}
+        for chunk in torch.arange(rows.size, device=self.device).split(PROMPT_MEMORY_ROWS):
+            with capture_projection(self.model, self.adapter, layers) as seen:
+                LayerRunner(self.model, self.adapter, rows.input_ids[chunk], rows.attention_mask[chunk],
+                            start=layers[0], stop=layers[-1])
+            for i in layers:
+                k = seen["in"][i][keep[chunk]].to(torch.float32)
+                moments[i] += k.T @ k
+        return moments
 
     def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor], requests: Sequence[EditRequest] | None = None,
                z: torch.Tensor | None = None, z_layer: int | None = None) -> None:
         """Re-apply a stored batch: its deltas to the weights; its keys to K_p, or, with
         ``earlier_edits="targets"``, its requests and target values (``z`` at ``z_layer``) to
         the updates to come (a batch stored without them, or with targets at another layer, falls
-        back to K_p)."""
+        back to K_p). With ``prompt_memory_weight`` the requests are required: their prompts'
+        keys are recomputed on the weights the batch left, which the model must otherwise hold
+        (every earlier batch replayed, on every layer)."""
+        if self.uses_prompt_memory and requests is None:
+            raise ValueError("prompt_memory_weight needs every earlier batch's requests; replay was given none")
         to = lambda t: t.to(self.device)  # noqa: E731
         deltas = {i: (to(u), to(v)) for i, (u, v) in deltas.items()}
         for i, (u, v) in deltas.items():
