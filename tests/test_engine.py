@@ -197,8 +197,8 @@ def prompt_outputs(editor: Editor, requests) -> dict[int, torch.Tensor]:
 
 def test_prompt_memory_keeps_earlier_prompts_in_place(tmp_path, corpus):
     """With the prompt memory a later batch moves what an earlier batch's prompts compute (every
-    token, every edited layer) much less, and still lands; its K_p gains exactly the weighted
-    moments, which a replay of the batch with its requests rebuilds."""
+    token, every edited layer) much less, and still lands; its K_p gains the prompt moments, which
+    a replay of the batch with its requests rebuilds (and without them refuses, changing nothing)."""
     moved, gap = {}, {}
     for weight in (0.0, 10.0):
         editor = make_editor(tmp_path, corpus, prompt_memory_weight=weight)
