@@ -26,8 +26,8 @@ from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
                                                 parse_requests)
-from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, capture_projection
-from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, checked_corpus,
+from editfleet.workers.editing.runner import SubjectReplay
+from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
@@ -358,9 +358,7 @@ class Editor:
     def _remember(self, batch: StoredBatch, prompt_moments: dict[int, torch.Tensor] | None = None) -> None:
         """Add an applied batch to the memory; without ``prompt_moments`` (when the prompt memory
         is on) they are computed here, so the model must hold the weights the batch left."""
-        if self.uses_prompt_memory and prompt_moments is None:
-            if batch.requests is None:
-                raise ValueError("prompt_memory_weight needs every earlier batch's requests; a batch was given without them")
+        if self.uses_prompt_memory and prompt_moments is None:  # replay has checked the requests
             prompt_moments = self._prompt_moments(batch.requests)
         if not self._rejoins(batch):
             for i, k in batch.keys.items():
@@ -380,12 +378,8 @@ class Editor:
             keep &= rows.input_ids != self.tokenizer.bos_token_id
         moments = {i: torch.zeros_like(self.memory[i]) for i in layers}
         for chunk in torch.arange(rows.size, device=self.device).split(PROMPT_MEMORY_ROWS):
-            with capture_projection(self.model, self.adapter, layers) as seen:
-                LayerRunner(self.model, self.adapter, rows.input_ids[chunk], rows.attention_mask[chunk],
-                            start=layers[0], stop=layers[-1])
-            for i in layers:
-                k = seen["in"][i][keep[chunk]].to(torch.float32)
-                moments[i] += k.T @ k
+            accumulate_key_moments(self.model, self.adapter, layers, rows.input_ids[chunk],
+                                   rows.attention_mask[chunk], moments, keep[chunk])
         return moments
 
     def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor], requests: Sequence[EditRequest] | None = None,

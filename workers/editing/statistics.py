@@ -154,11 +154,23 @@ class LayerStats:
     count: int
 
 
+def accumulate_key_moments(model: nn.Module, adapter: FamilyAdapter, layers: Sequence[int], ids: torch.Tensor,
+                           mask: torch.Tensor, sums: dict[int, torch.Tensor], keep: torch.Tensor | None = None) -> None:
+    """Add k k^T of the projection inputs at every position of ``ids`` (or where ``keep``) to
+    ``sums`` (float32, per layer), running only up to the last of ``layers``."""
+    last = max(layers)
+    with capture_projection(model, adapter, list(layers)) as seen, torch.no_grad():
+        LayerRunner(model, adapter, ids, mask, start=last, stop=last)
+    for i in layers:
+        keys = seen["in"][i]
+        k = (keys.reshape(-1, keys.shape[-1]) if keep is None else keys[keep]).to(torch.float32)
+        sums[i].addmm_(k.T, k)
+
+
 def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
                            corpus: Sequence[CorpusText], total_tokens: int, length: int, batch_size: int,
                            progress: Progress | None = None) -> dict[int, LayerStats]:
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
-    last = max(layers)
     dims = {i: adapter.key_dim(model, i) for i in layers}
     device = model_device(model)
     sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32, device=device) for i in layers}
@@ -172,12 +184,7 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
     def run(batch: list[list[int]]) -> None:
         nonlocal count
         ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long, device=device)
-        mask = torch.ones_like(ids)
-        with capture_projection(model, adapter, list(layers)) as seen, torch.no_grad():
-            LayerRunner(model, adapter, ids, mask, start=last, stop=last)
-        for i in layers:
-            k = seen["in"][i].reshape(-1, dims[i]).to(torch.float32)
-            sums[i].addmm_(k.T, k)
+        accumulate_key_moments(model, adapter, layers, ids, torch.ones_like(ids), sums)
         count += ids.numel()
 
     done = 0
