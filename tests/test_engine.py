@@ -147,7 +147,7 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
 
 @pytest.mark.parametrize("field, value", [("post_norm_iterations", 0), ("update_rounds", -1), ("v_lr", 0.0),
                                           ("null_moment_weight", -1.0), ("nullspace_energy", 1.0),
-                                          ("spectral_cap", 0.0)])
+                                          ("spectral_cap", 0.0), ("protect_weight", -0.1)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -223,6 +223,43 @@ def test_prompt_memory_keeps_earlier_prompts_in_place(tmp_path, corpus):
     editor.replay(first.deltas, first.keys, REQUESTS[:2])
     for i, m in memory.items():
         torch.testing.assert_close(editor.memory[i], m, rtol=1e-5, atol=1e-5)
+
+
+def test_protected_prompts_keep_their_outputs_and_the_edits_still_land(tmp_path, corpus):
+    """Protected prompts' keys join every update: an edit moves what those prompts compute (every
+    token, every edited layer) much less, still reaches its targets, and a resumed editor given
+    the same prompts continues exactly as the one that made the state."""
+    shaped = [EditRequest(r.prompt, s, r.target_new, record_id=s)
+              for r, s in zip(REQUESTS, ["Louvre", "Marie Curie", "Serena Williams", "Peru"])]
+    protect = tmp_path / "protect.txt"
+    protect.write_text("\n".join(f"{r.text} {r.target_new}" for r in shaped) + "\n")
+    moved, gap = {}, {}
+    for files in (None, [protect]):
+        editor = make_editor(tmp_path, corpus, protect=files, protect_weight=10.0)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        before = prompt_outputs(editor, shaped)
+        result = editor.apply(REQUESTS[:2])
+        after = prompt_outputs(editor, shaped)
+        moved[files is None] = max(float((after[i] - before[i]).norm() / before[i].norm()) for i in before)
+        gap[files is None] = max(result.value_gap)
+    assert moved[False] < 0.5 * moved[True], moved
+    assert gap[False] < 0.3, gap
+    assert editor.protected_moments() is editor.protected_moments()  # computed once, on base weights
+    state = editor.save_state(tmp_path / "state")
+    second = editor.apply(REQUESTS[2:])
+    model, tok = edit_model("llama")
+    resumed = Editor.load_state(model, tok, state, cache_dir=tmp_path / "cache", corpus=[corpus], protect=[protect])
+    again = resumed.apply(REQUESTS[2:])
+    for i in editor.config.layers:
+        torch.testing.assert_close(again.deltas[i][1], second.deltas[i][1], rtol=1e-5, atol=1e-6)
+
+
+def test_protected_prompts_must_be_there_and_not_blank(tmp_path, corpus):
+    with pytest.raises(FileNotFoundError, match="protected prompts not found: .*missing.txt"):
+        make_editor(tmp_path, corpus, protect=[tmp_path / "missing.txt"])
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="blank.txt has no prompt"):
+        make_editor(tmp_path, corpus, protect=[tmp_path / "blank.txt"])
 
 
 def test_spectral_cap_clips_the_last_layer_and_keeps_the_null_space(tmp_path, corpus):

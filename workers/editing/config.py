@@ -75,6 +75,12 @@ class EditConfig:
             computation of an earlier edit's answer in place, not only its subject's value, where
             the subject key's drift through the prompt's other tokens erodes it (see
             docs/benchmarks.md). Rebuilt from the stored requests when a chain is replayed.
+        protect_weight: weight, per token, of the keys at every token of the editor's protected
+            prompts (``Editor(protect=...)``, ``--protect FILE``: prompts whose continuations must
+            not change, one per line), on the base weights, in every update's solve beside K_p.
+            Unused without protected prompts. The statistics' moment weighs all its tokens
+            together as ``null_moment_weight`` tokens; this keeps prompts of a shape the corpus
+            hardly holds (questions, say) as firmly as an earlier edit's keys (docs/engine.md).
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).
@@ -110,6 +116,7 @@ class EditConfig:
     earlier_edits: Literal["keys", "targets"] = "keys"
     memory_weight: float = 1.0
     prompt_memory_weight: float = 0.0
+    protect_weight: float = 0.1
     stats_tokens: int = 100_000
     stats_max_length: int = 256
     stats_batch_size: int = 8
@@ -138,6 +145,8 @@ class EditConfig:
             raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
         if self.prompt_memory_weight < 0:
             raise ValueError(f"prompt_memory_weight must be >= 0, got {self.prompt_memory_weight}")
+        if self.protect_weight < 0:
+            raise ValueError(f"protect_weight must be >= 0, got {self.protect_weight}")
         if self.null_moment_weight < 0:
             raise ValueError(f"null_moment_weight must be >= 0, got {self.null_moment_weight}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):

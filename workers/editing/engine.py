@@ -25,7 +25,7 @@ from editfleet.workers.editing.batching import Rows, target_ids
 from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
-                                                parse_requests)
+                                                parse_requests, read_protected_prompts)
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
@@ -85,10 +85,13 @@ class Editor:
         config: the engine settings.
         cache_dir: where statistics and projectors are cached.
         corpus: text files for the preserved-knowledge statistics (default: WikiText-2).
+        protect: text files of protected prompts, one per line: every token's key joins each
+            update's solve with ``config.protect_weight`` (see ``protected_moments``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: EditConfig, cache_dir: str | Path,
-                 corpus: Sequence[str | Path | CorpusText] | None = None):
+                 corpus: Sequence[str | Path | CorpusText] | None = None,
+                 protect: Sequence[str | Path] | None = None):
         # Everything the editor holds (base copies, K_p, projectors, batches) lives on the model's
         # device; what comes from files is moved there, what goes to files is moved to the CPU.
         self.device = model_device(model)
@@ -103,6 +106,7 @@ class Editor:
                              "a value at the subject reaches the answer only through later layers")
         self.cache = StatsCache(Path(cache_dir))
         self.corpus = checked_corpus(corpus) if corpus is not None else None
+        self.protect = read_protected_prompts(protect) if protect else None
         self._base = {i: self.adapter.weight(model, i).detach().clone() for i in config.layers}
         # K_p K_p^T per layer: the keys of earlier batches that do not rejoin updates by target.
         self.memory = {i: torch.zeros(w.shape[1], w.shape[1], device=self.device) for i, w in self._base.items()}
@@ -110,15 +114,17 @@ class Editor:
         self.contexts: list[str] | None = None
         self._stats: dict[int, LayerStats] | None = None
         self._projectors: dict[int, torch.Tensor] | None = None
+        self._protected: dict[int, torch.Tensor] | None = None
         self.projector_info: dict[int, dict] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer, method: Method = "alphaedit", *, cache_dir: str | Path,
-                  corpus: Sequence[str | Path | CorpusText] | None = None, **overrides: Any) -> "Editor":
+                  corpus: Sequence[str | Path | CorpusText] | None = None,
+                  protect: Sequence[str | Path] | None = None, **overrides: Any) -> "Editor":
         """An editor with the family's default settings for ``method``, ``overrides`` on top."""
         adapter = adapter_for(model)
         config = default_config(adapter.family, method, adapter.num_layers(model), **overrides)
-        return cls(model, tokenizer, config, cache_dir, corpus)
+        return cls(model, tokenizer, config, cache_dir, corpus, protect)
 
     # -- validation -------------------------------------------------------------------------
 
@@ -194,6 +200,32 @@ class Editor:
                 self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
 
+    def protected_moments(self) -> dict[int, torch.Tensor] | None:
+        """Per edited layer, ``protect_weight`` times K K^T of the keys at every token of the
+        protected prompts (BOS left out), on the base weights; None without protected prompts.
+
+        The statistics' moment is a mean over its corpus, so a shape of text the corpus hardly
+        holds (a question, the line after it) is hardly protected, and an edit may change how
+        every such prompt continues (docs/engine.md, Known limits). Computed once per editor:
+        one forward pass per ``PROMPT_MEMORY_ROWS`` prompts."""
+        if self.protect is None:
+            return None
+        if self._protected is None:
+            cfg, tok = self.config, self.tokenizer
+            layers = list(cfg.layers)
+            sums = {i: torch.zeros_like(self.memory[i]) for i in layers}
+            with self._base_weights():
+                for start in range(0, len(self.protect), PROMPT_MEMORY_ROWS):
+                    enc = tok(self.protect[start:start + PROMPT_MEMORY_ROWS], return_tensors="pt", padding=True,
+                              truncation=True, max_length=cfg.stats_max_length).to(self.device)
+                    keep = enc["attention_mask"].bool()
+                    if tok.bos_token_id is not None:
+                        keep &= enc["input_ids"] != tok.bos_token_id
+                    accumulate_key_moments(self.model, self.adapter, layers, enc["input_ids"], enc["attention_mask"],
+                                           sums, keep)
+            self._protected = {i: cfg.protect_weight * m for i, m in sums.items()}
+        return self._protected
+
     def context_templates(self) -> list[str]:
         """The context prefixes, generated once from the base weights (so any replica rebuilding
         a checkpoint gets the same ones) and then kept in the editing state."""
@@ -214,6 +246,7 @@ class Editor:
         alphaedit = cfg.method == "alphaedit"
         projectors = self.projectors(progress) if alphaedit else None
         stats = self.statistics(progress) if not alphaedit or cfg.null_moment_weight > 0 else None
+        protected = self.protected_moments()
         self.context_templates()
         timings["stats_seconds"] = time.perf_counter() - t
 
@@ -231,7 +264,7 @@ class Editor:
             rows = context_rows(tok, earlier + requests, self.contexts).to(self.device)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
-            deltas, start_values = self._update(rows, replay, z, projectors, stats, progress)
+            deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
                 deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
@@ -262,7 +295,7 @@ class Editor:
                            z=targets.z, timings=timings)
 
     def _update(self, rows: Rows, replay: SubjectReplay, z: torch.Tensor, projectors: dict | None,
-                stats: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
+                stats: dict | None, protected: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
         the remaining layers, mapped to this projection's output and solved for; repeated for
         ``update_rounds`` passes over the layers (each pass solves for what the previous ones left).
@@ -295,7 +328,7 @@ class Editor:
                 memory=self.memory[layer] if cfg.sequential_memory else None,
                 moment=stats[layer].moment if stats else None,
                 moment_weight=cfg.null_moment_weight if projectors else cfg.mom2_update_weight,
-                memory_weight=cfg.memory_weight,
+                memory_weight=cfg.memory_weight, protected=protected[layer] if protected else None,
                 alpha=cfg.alpha if projectors else 0.0, dtype=dtype,
             )
             delta = u @ v.T
@@ -444,13 +477,14 @@ class Editor:
 
     @classmethod
     def load_state(cls, model: nn.Module, tokenizer, folder: str | Path, cache_dir: str | Path,
-                   corpus: Sequence[str | Path | CorpusText] | None = None) -> "Editor":
+                   corpus: Sequence[str | Path | CorpusText] | None = None,
+                   protect: Sequence[str | Path] | None = None) -> "Editor":
         """An editor for the BASE ``model`` with a saved state's batches replayed and K_p restored."""
         folder = Path(folder)
         meta = json.loads((folder / "state.json").read_text())
         if meta["engine_version"] != ENGINE_VERSION:
             raise ValueError(f"state from engine version {meta['engine_version']}, this is {ENGINE_VERSION}")
-        editor = cls(model, tokenizer, EditConfig.from_dict(meta["config"]), cache_dir, corpus)
+        editor = cls(model, tokenizer, EditConfig.from_dict(meta["config"]), cache_dir, corpus, protect)
         editor.contexts = meta["contexts"]
         tensors = load_file(folder / "state.safetensors", device=str(editor.device))
         for b in range(meta["batches"]):

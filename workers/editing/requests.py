@@ -6,7 +6,9 @@ rules the engine applies; the engine adds the checks that need a tokenizer (cont
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 MAX_TEXT_CHARS = 2000
@@ -180,3 +182,17 @@ def parse_requests(records: Sequence[Mapping[str, Any]]) -> list[EditRequest]:
     if violations:
         raise EditValidationError(violations)
     return requests
+
+
+def read_protected_prompts(files: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The non-blank lines of ``files``, in order; an error names a missing or empty file."""
+    prompts: list[str] = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"protected prompts not found: {path}")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"protected prompts file {path} has no prompt (one per line)")
+        prompts += lines
+    return prompts

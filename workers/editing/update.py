@@ -4,7 +4,7 @@
 
 AlphaEdit: P is the null-space projector, lambda = ``null_moment_weight`` (0 in the paper),
 mu = ``memory_weight`` (1 in the paper), alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no
-sequential memory. The update is returned as thin factors (U = R, V): its rank is at most the
+sequential memory. Protected prompts' keys (``protected``, optional) join the sum like K_p. The update is returned as thin factors (U = R, V): its rank is at most the
 batch size, so checkpoints store two small matrices instead of a dense delta.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Tensor | None,
                  memory: torch.Tensor | None, moment: torch.Tensor | None, moment_weight: float,
-                 alpha: float, memory_weight: float = 1.0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                 alpha: float, memory_weight: float = 1.0, protected: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank factors (U (d_model, n), V (d_ff, n)) with Delta = U @ V.T.
 
     Args:
@@ -25,6 +25,7 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Te
         memory: K_p K_p^T of earlier batches or None; weighted by ``memory_weight``.
         moment: the preserved second moment C or None; weighted by ``moment_weight``.
         alpha: ridge term.
+        protected: K K^T of protected prompts' keys, already weighted, or None.
         dtype: solve precision (float32 or float64); factors are returned in float32.
     """
     k = keys.to(dtype)
@@ -33,6 +34,8 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Te
         a += memory_weight * memory.to(dtype)
     if moment is not None:
         a += moment_weight * moment.to(dtype)
+    if protected is not None:
+        a += protected.to(dtype)
     rhs = k
     if projector is not None:
         p = projector.to(dtype)
