@@ -67,6 +67,9 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
         for k in ("efficacy", "generalization", "specificity"):
             assert (by_batch[0][k] + by_batch[1][k]) / 2 == pytest.approx(report[phase][k])
     assert report["edits"] == 4 and report["rejected_records"] == 1
+    # The one valid case after the four edited ones is the unedited prompt whose fluency is scored.
+    assert report["fluency_unedited_cases"] == 1
+    assert report["pre"]["fluency_unedited"] > 0 and report["post"]["fluency_unedited"] > 0
     assert set(report["timing"]) >= {"seconds_per_edit", "stats_seconds", "targets_seconds", "update_seconds",
                                      "eval_seconds", "track_seconds", "warmup_targets_seconds"}
     t = report["timing"]
@@ -84,12 +87,17 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     assert perplexity(base, tok)["perplexity"] == pytest.approx(report["post"]["perplexity"], rel=1e-6)
 
 
-def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
+def test_bench_reads_the_statistics_from_the_corpus_and_the_protected_prompts_it_is_given(tmp_path):
     model_dir = _tiny_model_dir(tmp_path)
     corpus = tmp_path / "facts.txt"
     corpus.write_text(" ".join(f"{s} speaks {t}." for _, s, t, _ in FACTS * 200))
     with pytest.raises(SystemExit, match="--corpus: statistics corpus not found: .*missing.txt"):
         bench.main(["--model", str(model_dir), "--corpus", str(tmp_path / "missing.txt")])
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit, match="--protect: protected prompts file .*blank.txt has no prompt"):
+        bench.main(["--model", str(model_dir), "--protect", str(tmp_path / "blank.txt")])
+    protect = tmp_path / "protect.txt"
+    protect.write_text("Which language does Danielle Darrieux speak? French\nWhere is Norway?\n")
     out, stats = tmp_path / "bench.json", tmp_path / "stats"
     threads = torch.get_num_threads()
     try:
@@ -97,10 +105,13 @@ def test_bench_reads_the_statistics_from_the_corpus_it_is_given(tmp_path):
             "--model", str(model_dir), "--data", str(_write_counterfact(tmp_path / "cf.json")), "--edits", "2",
             "--batch", "2", "--threads", "1", "--fluency-cases", "2", "--cache-dir", str(stats),
             "--corpus", str(corpus), "--set", "stats_tokens=1000", "--set", "v_max_steps=2", "--json", str(out),
+            "--protect", str(protect),
         ]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert json.loads(out.read_text())["corpus"] == [str(corpus)]
+    report = json.loads(out.read_text())
+    assert report["corpus"] == [str(corpus)]
+    assert report["protect"] == {"files": [str(protect)], "prompts": 2}
     # An editor given the same corpus finds every statistic in the cache: the bench read that file.
     cached = sorted(stats.rglob("*.safetensors"))
     model, tok = load_model(str(model_dir))

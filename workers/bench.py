@@ -59,8 +59,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", action="append", default=[], metavar="FILE",
                    help="statistics corpus text file, instead of the default WikiText-2 (repeatable, read in "
                         "order; as `editfleet serve --corpus`)")
+    p.add_argument("--protect", action="append", default=[], metavar="FILE",
+                   help="protected prompts, one per line (repeatable): every token's key joins each update with "
+                        "the setting protect_weight (as `editfleet serve --protect`)")
     p.add_argument("--cache-dir", help="statistics/projector cache (default: <home>/stats)")
     p.add_argument("--fluency-cases", type=int, default=100)
+    p.add_argument("--fluency-unedited", type=int, default=100, metavar="N",
+                   help="also score the fluency of generations from the prompts of the N valid cases after the "
+                        "edited ones, which no edit touches (JSON: fluency_unedited; 0: off)")
     p.add_argument("--track-perplexity", action="store_true",
                    help="also measure the WikiText perplexity after every batch (JSON: perplexity_by_batch)")
     p.add_argument("--save-state", metavar="DIR",
@@ -78,16 +84,20 @@ def _cases(args):
     path = Path(args.data) if args.data else data_dir() / default[args.dataset]
     loader = load_counterfact if args.dataset == "counterfact" else load_zsre
     # Read enough records that N valid cases remain after refusing invalid ones.
-    loaded = loader(path, limit=args.edits * 2 + 50, offset=args.offset)
+    loaded = loader(path, limit=(args.edits + args.fluency_unedited) * 2 + 50, offset=args.offset)
     if len(loaded.cases) < args.edits:
         raise SystemExit(f"{path} has only {len(loaded.cases)} valid cases from offset {args.offset}")
     used = loaded.head(args.edits)
     if used.rejected:
         print(f"[bench] {used.rejection_summary()}", file=sys.stderr)
-    return used.cases, len(used.rejected)
+    unedited = loaded.cases[args.edits:args.edits + args.fluency_unedited]
+    if len(unedited) < args.fluency_unedited:
+        print(f"[bench] only {len(unedited)} unedited cases follow the edited ones", file=sys.stderr)
+    return used.cases, len(used.rejected), unedited
 
 
-def _evaluate(args, model, tok, cases) -> dict[str, Any]:
+def _evaluate(args, model, tok, cases, unedited) -> dict[str, Any]:
+    from editfleet.workers.evaluation.fluency import fluency, greedy_generate
     from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
 
     # Per batch as well: after a sequential stream, the first batches' figures say how well the
@@ -96,11 +106,13 @@ def _evaluate(args, model, tok, cases) -> dict[str, Any]:
         scores = evaluate_counterfact(model, tok, cases, fluency_cases=args.fluency_cases, group=args.batch)
     else:
         scores = evaluate_zsre(model, tok, cases, group=args.batch)
-        from editfleet.workers.evaluation.fluency import fluency, greedy_generate
-
         prompts = [p for c in cases[: args.fluency_cases] for p in c.rewrite_prompts]
         scores["fluency"] = fluency(greedy_generate(model, tok, prompts)) if prompts else None
     scores["by_batch"] = scores.pop("by_group")
+    # Generations from prompts no edit touched: whether the edits changed how prompts of the
+    # same shape continue (a zsRE batch made other questions repeat themselves; docs/engine.md).
+    if unedited:
+        scores["fluency_unedited"] = fluency(greedy_generate(model, tok, [c.rewrite_prompts[0] for c in unedited]))
     ppl = perplexity(model, tok)
     scores["perplexity"] = ppl["perplexity"]
     # The 1024 tokens above are one article (the figure every earlier run quotes); the whole
@@ -112,6 +124,7 @@ def _evaluate(args, model, tok, cases) -> dict[str, Any]:
 
 def run(args) -> dict[str, Any]:
     from editfleet.workers.editing.engine import Editor
+    from editfleet.workers.editing.requests import read_protected_prompts
     from editfleet.workers.editing.statistics import checked_corpus
     from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
     from editfleet.workers.evaluation.metrics import perplexity
@@ -121,20 +134,25 @@ def run(args) -> dict[str, Any]:
         corpus = checked_corpus(args.corpus) if args.corpus else None
     except FileNotFoundError as exc:
         raise SystemExit(f"--corpus: {exc}") from None
+    try:
+        read_protected_prompts(args.protect)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--protect: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tok = load_model(args.model, args.home, args.device)
-    cases, rejected = _cases(args)
+    cases, rejected, unedited = _cases(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else editfleet_home(args.home) / "stats"
     overrides = {"seed": args.seed, **_overrides(args.overrides)}
-    editor = Editor.for_model(model, tok, args.method, cache_dir=cache_dir, corpus=corpus, **overrides)
+    editor = Editor.for_model(model, tok, args.method, cache_dir=cache_dir, corpus=corpus,
+                              protect=args.protect or None, **overrides)
     print(f"[bench] {args.model} {args.method} {args.dataset}: {len(cases)} edits in batches of {args.batch}; "
           f"layers {list(editor.config.layers)}", file=sys.stderr)
 
     t = time.perf_counter()
-    pre = _evaluate(args, model, tok, cases)
+    pre = _evaluate(args, model, tok, cases, unedited)
     eval_seconds = time.perf_counter() - t
     print(f"[bench] pre-edit evaluation {eval_seconds:.1f}s", file=sys.stderr)
 
@@ -184,7 +202,7 @@ def run(args) -> dict[str, Any]:
     if args.save_state:
         editor.save_state(args.save_state)
     t = time.perf_counter()
-    post = _evaluate(args, model, tok, cases)
+    post = _evaluate(args, model, tok, cases, unedited)
     timing["eval_seconds"] = eval_seconds + time.perf_counter() - t
     timing["seconds_per_edit"] = edit_seconds / len(cases)
     timing["seconds_per_edit_without_stats"] = (timing["targets_seconds"] + timing["update_seconds"]) / len(cases)
@@ -196,6 +214,8 @@ def run(args) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": editor.config.to_dict(),
         "corpus": [str(c.path) for c in corpus] if corpus else "default",
+        "protect": {"files": list(args.protect), "prompts": len(editor.protect)} if editor.protect else None,
+        "fluency_unedited_cases": len(unedited),
         "projectors": {str(i): v for i, v in editor.projector_info.items()},
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
                     "converged": sum(p >= 0.95 for p in probs) / len(probs),
@@ -217,7 +237,8 @@ def _device_name(model) -> str:
 
 def table(report: dict[str, Any]) -> str:
     """The figures as a plain-text table."""
-    keys = ["efficacy", "generalization", "specificity", "fluency", "perplexity", "perplexity_heldout"]
+    keys = ["efficacy", "generalization", "specificity", "fluency", "fluency_unedited", "perplexity",
+            "perplexity_heldout"]
     extra = [k for k in ("efficacy_top1", "generalization_top1", "specificity_top1") if k in report["pre"]]
     lines = [f"{report['model']} / {report['method']} / {report['dataset']}: {report['edits']} edits, "
              f"batches of {report['batch']}", f"{'metric':<22}{'pre':>10}{'post':>10}"]
