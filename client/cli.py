@@ -208,21 +208,33 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from editfleet.scheduler.config import SchedulerConfig, parse_model_spec
-    from editfleet.scheduler.server import Scheduler
+def _serve_config(args: argparse.Namespace, models: dict[str, Any]):
+    from editfleet.scheduler.config import SchedulerConfig
 
-    models = {"models": dict(parse_model_spec(m) for m in args.model)} if args.model else {}
-    config = SchedulerConfig(
+    return SchedulerConfig(
         store_dir=Path(args.store), listen=args.listen, db_path=Path(args.db) if args.db else None, **models,
         ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, worker_num_cpus=args.worker_cpus,
         worker_threads=args.worker_threads, worker_device=args.worker_device,
         home=Path(args.home) if args.home else None, corpus=[Path(c) for c in args.corpus] if args.corpus else None,
+        protect=[Path(c) for c in args.protect] if args.protect else None,
         perplexity_text=Path(args.perplexity_text) if args.perplexity_text else None,
         engine_overrides=json.loads(args.engine_settings) if args.engine_settings else {},
         max_edits_per_job=args.max_edits_per_job, max_batch_edits=args.max_batch_edits,
         token=args.token, log_format=args.log_format, log_level=args.log_level,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from editfleet.scheduler.config import parse_model_spec
+    from editfleet.scheduler.server import Scheduler
+
+    models = {"models": dict(parse_model_spec(m) for m in args.model)} if args.model else {}
+    try:
+        config = _serve_config(args, models)
+    except json.JSONDecodeError:
+        raise  # main() names --engine-settings
+    except (ValueError, OSError) as e:  # a bad setting or file, before anything starts
+        return _print_error(e)
     scheduler = Scheduler(config)
     scheduler.start()
     signal.signal(signal.SIGTERM, _interrupt)  # `kubectl delete`, `docker stop`: stop cleanly
@@ -259,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="job queue SQLite file (default: STORE/jobs.sqlite)")
     serve.add_argument("--home", help="editfleet data folder for model and statistics caches")
     serve.add_argument("--corpus", action="append", help="statistics corpus text file (repeatable; default WikiText-2)")
+    serve.add_argument("--protect", action="append",
+                       help="protected prompts file, one prompt per line (repeatable): prompts whose continuations "
+                            "every edit keeps (engine setting protect_weight; docs/engine.md)")
     serve.add_argument("--perplexity-text", help="text file whose perplexity every checkpoint reports "
                                                  "(default: the held-out head of WikiText-2's test file)")
     serve.add_argument("--engine-settings", help="JSON object of engine settings applied to every job")

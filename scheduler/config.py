@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editfleet.workers.editing.requests import read_protected_prompts
 from editfleet.workers.store import validate_model_name
 
 DEFAULT_MODELS = ("gemma3-270m", "smollm2-135m")
@@ -39,6 +40,7 @@ class SchedulerConfig:
             each worker actor reserves one GPU from Ray.
         home: editfleet data folder for the workers (model cache, statistics cache).
         corpus: statistics corpus files for the workers (default: WikiText-2).
+        protect: protected prompt files for the workers (one prompt per line; see docs/engine.md).
         perplexity_text: the text whose perplexity every checkpoint reports (default: the
             held-out head of WikiText-2's test file).
         engine_overrides: engine settings applied to every job (before the job's options).
@@ -62,6 +64,7 @@ class SchedulerConfig:
     worker_device: str = "cpu"
     home: Path | None = None
     corpus: list[Path] | None = None
+    protect: list[Path] | None = None
     perplexity_text: Path | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     max_edits_per_job: int = 1000
@@ -80,6 +83,8 @@ class SchedulerConfig:
             validate_model_name(name)
         if self.max_edits_per_job < 1 or self.max_batch_edits < 1:
             raise ValueError("max_edits_per_job and max_batch_edits must be at least 1")
+        if self.protect:
+            read_protected_prompts(self.protect)  # a missing or blank file stops serve before Ray starts
         if self.worker_device not in ("cpu", "cuda"):
             raise ValueError(f"worker_device must be cpu or cuda, got {self.worker_device!r}")
         if self.log_format not in ("json", "console"):
@@ -93,6 +98,7 @@ class SchedulerConfig:
             "model": self.models[model], "name": model, "store_dir": str(self.store_dir.resolve()),
             "home": str(self.home) if self.home else None,
             "corpus": [str(p) for p in self.corpus] if self.corpus else None,
+            "protect": [str(p) for p in self.protect] if self.protect else None,
             "perplexity_text": str(self.perplexity_text) if self.perplexity_text else None,
             "engine_overrides": dict(self.engine_overrides), "threads": self.worker_threads,
             "device": self.worker_device,

@@ -91,3 +91,12 @@ def test_cli_reports_a_bad_edits_file(tmp_path, capsys):
     path.write_text("{nope\n")
     assert main(["submit", "--server", "127.0.0.1:1", "--model", "m", "--edits", str(path)]) == 1
     assert "edits.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_protected_prompts_file_before_starting(tmp_path, capsys):
+    missing = tmp_path / "protect.txt"
+    assert main(["serve", "--store", str(tmp_path / "store"), "--protect", str(missing)]) == 1
+    assert f"protected prompts not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # nothing was started or written
+    assert main(["serve", "--store", str(tmp_path / "store"), "--engine-settings", "{nope"]) == 1
+    assert "--engine-settings is not valid JSON" in capsys.readouterr().err

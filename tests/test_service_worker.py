@@ -25,10 +25,10 @@ def parts(tmp_path_factory):
             "home": root / "home", "root": root, "ppl_text": write_perplexity_text(root / "general.txt")}
 
 
-def _executor(parts, store_dir) -> InProcessExecutor:
+def _executor(parts, store_dir, **extra) -> InProcessExecutor:
     return InProcessExecutor({"model": str(parts["model"]), "name": "tiny", "store_dir": str(store_dir),
                               "home": str(parts["home"]), "corpus": [str(parts["corpus"])],
-                              "engine_overrides": FAST_ENGINE, "perplexity_text": str(parts["ppl_text"])})
+                              "engine_overrides": FAST_ENGINE, "perplexity_text": str(parts["ppl_text"]), **extra})
 
 
 def _run(executor, parent, edits, method="alphaedit", options=None, limit=None) -> tuple[list[dict], dict]:
@@ -174,6 +174,22 @@ def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worke
     # request and pass; the prompt memory only constrains the solve.
     rank = load_file(warm_store / path)["U"].shape[1]
     assert rank == (3 if name == "earlier_edits" else 1) * FAST_ENGINE["update_rounds"]
+
+
+def test_protected_prompts_are_part_of_the_checkpoint_identity(chain, parts):
+    """A worker with protected prompts computes other weights for the same job, so it gives the
+    job another checkpoint id (same store: nothing is wrongly reused) and records the prompts' digest."""
+    protect = parts["root"] / "protect.txt"
+    protect.write_text("The home city of the Louvre is Paris\nThe home city of Big Ben is London\n")
+    store = parts["root"] / "store"
+    protected = _executor(parts, store, protect=[str(protect)])
+    _, result = _run(protected, BASE, [EIFFEL])
+    assert result["checkpoint"] != chain["first"]["checkpoint"] and not result["reused"]
+    meta = CheckpointStore(store).read("tiny", result["checkpoint"]).meta
+    assert len(meta["protected_prompts"]) == 64
+    name = "models/tiny/checkpoints/{}/layer002.safetensors"
+    plain, kept = (load_file(store / name.format(c)) for c in (chain["first"]["checkpoint"], result["checkpoint"]))
+    assert not torch.allclose(plain["V"], kept["V"])
 
 
 def test_refused_edits_change_nothing(chain):

@@ -35,14 +35,14 @@ from safetensors.torch import save as save_tensors
 from editfleet.workers.editing import ENGINE_VERSION
 from editfleet.workers.editing.config import EditConfig, default_config
 from editfleet.workers.editing.engine import BatchResult, Editor
-from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests
+from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, read_protected_prompts
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
-from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id
+from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id, sha256
 
 EXPORT_INFO = "editfleet-checkpoint.json"
 MAX_EDITORS = 4
@@ -63,6 +63,8 @@ class EditWorker:
         store_dir: the checkpoint store root (shared with the scheduler).
         home: editfleet data folder (model conversions, statistics cache); default as registry.
         corpus: text files for preserved-knowledge statistics (default: WikiText-2).
+        protect: text files of protected prompts, one per line, kept in every update (see
+            ``Editor``); their digest joins the checkpoint ids this worker computes.
         engine_overrides: engine settings applied to every job before the job's own options.
         name: the model's name in the catalog (default: ``model``).
         threads: torch threads (default: every CPU this process may use; Ray would otherwise
@@ -76,6 +78,7 @@ class EditWorker:
 
     def __init__(self, model: str, store_dir: str | os.PathLike[str], home: str | os.PathLike[str] | None = None,
                  corpus: Sequence[str | os.PathLike[str]] | None = None,
+                 protect: Sequence[str | os.PathLike[str]] | None = None,
                  engine_overrides: Mapping[str, Any] | None = None, name: str | None = None,
                  threads: int | None = None, device: str | None = "cpu",
                  perplexity_text: str | os.PathLike[str] | None = None):
@@ -85,6 +88,10 @@ class EditWorker:
         self.store = CheckpointStore(store_dir)
         self.cache_dir = editfleet_home(home) / "stats"
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
+        self.protect = [Path(p) for p in protect] if protect else None
+        # Protected prompts decide the weights an edit yields, so they are part of its identity.
+        self._protect_id = ({"protected_prompts": sha256("\n".join(read_protected_prompts(self.protect)).encode())}
+                            if self.protect else {})
         self.engine_overrides = dict(engine_overrides or {})
         self.perplexity_text = Path(perplexity_text) if perplexity_text is not None else None
         self._base_perplexity: float | None = None
@@ -110,7 +117,7 @@ class EditWorker:
                 self._reset()
             # The engine generates its context prefixes from the base weights, so a worker that
             # materialises a checkpoint continues exactly as the worker that made it.
-            self._editors[key] = Editor(self.model, self.tokenizer, config, self.cache_dir, self.corpus)
+            self._editors[key] = Editor(self.model, self.tokenizer, config, self.cache_dir, self.corpus, self.protect)
         return self._editors[key]
 
     def _reset(self) -> None:
@@ -190,7 +197,7 @@ class EditWorker:
             yield _rejected(e)
             return
         ckpt = checkpoint_id(self.name, parent, [request_identity(r) for r in requests], method,
-                             config.to_dict(), ENGINE_VERSION)
+                             {**config.to_dict(), **self._protect_id}, ENGINE_VERSION)
         if self.store.exists(self.name, ckpt):
             self.store.verify(self.name, ckpt)
             scores = self.store.read(self.name, ckpt).meta["scores"]
@@ -228,7 +235,7 @@ class EditWorker:
                  for i, (u, v) in result.deltas.items()}
         files[TARGETS_FILE] = save_tensors({"Z": _cpu(result.z)})
         meta = {"parent": parent, "edits": [dataclasses.asdict(r) for r in requests], "method": method,
-                "engine_settings": config.to_dict(), "engine_version": ENGINE_VERSION, "scores": scores,
+                "engine_settings": config.to_dict(), **self._protect_id, "engine_version": ENGINE_VERSION, "scores": scores,
                 "layers": sorted(result.deltas), "target_layer": config.layers[-1], "timings": result.timings}
         self.store.write_checkpoint(self.name, ckpt, meta, files)
         self._state = (ckpt, _config_key(config))
