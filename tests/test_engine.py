@@ -248,6 +248,8 @@ def test_protected_prompts_keep_their_outputs_and_the_edits_still_land(tmp_path,
     state = editor.save_state(tmp_path / "state")
     second = editor.apply(REQUESTS[2:])
     model, tok = edit_model("llama")
+    with pytest.raises(ValueError, match="protected prompts"):  # without them the next batch would differ
+        Editor.load_state(model, tok, state, cache_dir=tmp_path / "cache", corpus=[corpus])
     resumed = Editor.load_state(model, tok, state, cache_dir=tmp_path / "cache", corpus=[corpus], protect=[protect])
     again = resumed.apply(REQUESTS[2:])
     for i in editor.config.layers:

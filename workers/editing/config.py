@@ -79,8 +79,9 @@ class EditConfig:
             prompts (``Editor(protect=...)``, ``--protect FILE``: prompts whose continuations must
             not change, one per line), on the base weights, in every update's solve beside K_p.
             Unused without protected prompts. The statistics' moment weighs all its tokens
-            together as ``null_moment_weight`` tokens; this keeps prompts of a shape the corpus
-            hardly holds (questions, say) as firmly as an earlier edit's keys (docs/engine.md).
+            together as ``null_moment_weight`` tokens, so a shape the corpus hardly holds
+            (questions, say) is hardly protected; a protected token weighs this fraction of an
+            earlier edit's key (docs/engine.md).
         stats_tokens: preserved-knowledge tokens to accumulate for the second moment.
         stats_max_length: tokens per statistics sequence.
         stats_batch_size: sequences per statistics forward pass (bounds memory).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -199,6 +200,11 @@ class Editor:
                                      f"{self.config.nullspace_energy}); an AlphaEdit update would be zero")
                 self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
+
+    @property
+    def protect_digest(self) -> str | None:
+        """sha256 of the protected prompts (None without): they decide what the next batch computes."""
+        return hashlib.sha256("\n".join(self.protect).encode()).hexdigest() if self.protect else None
 
     def protected_moments(self) -> dict[int, torch.Tensor] | None:
         """Per edited layer, ``protect_weight`` times K K^T of the keys at every token of the
@@ -471,7 +477,8 @@ class Editor:
                                "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
         meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
-                "batches": len(self.history), "batch_requests": batch_meta}
+                "batches": len(self.history), "batch_requests": batch_meta,
+                "protected_prompts": self.protect_digest}
         (folder / "state.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -485,6 +492,9 @@ class Editor:
         if meta["engine_version"] != ENGINE_VERSION:
             raise ValueError(f"state from engine version {meta['engine_version']}, this is {ENGINE_VERSION}")
         editor = cls(model, tokenizer, EditConfig.from_dict(meta["config"]), cache_dir, corpus, protect)
+        if meta.get("protected_prompts") != editor.protect_digest:  # the next batch would differ
+            raise ValueError(f"the state was written with protected prompts {meta.get('protected_prompts')}, "
+                             f"this editor has {editor.protect_digest}: pass the same --protect files")
         editor.contexts = meta["contexts"]
         tensors = load_file(folder / "state.safetensors", device=str(editor.device))
         for b in range(meta["batches"]):
