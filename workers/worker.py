@@ -35,14 +35,14 @@ from safetensors.torch import save as save_tensors
 from editfleet.workers.editing import ENGINE_VERSION
 from editfleet.workers.editing.config import EditConfig, default_config
 from editfleet.workers.editing.engine import BatchResult, Editor
-from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, read_protected_prompts
+from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, prompts_digest, read_protected_prompts
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
 from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
-from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id, sha256
+from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id
 
 EXPORT_INFO = "editfleet-checkpoint.json"
 MAX_EDITORS = 4
@@ -90,8 +90,7 @@ class EditWorker:
         self.corpus = [Path(p) for p in corpus] if corpus is not None else None
         self.protect = [Path(p) for p in protect] if protect else None
         # Protected prompts decide the weights an edit yields, so they are part of its identity.
-        self._protect_id = ({"protected_prompts": sha256("\n".join(read_protected_prompts(self.protect)).encode())}
-                            if self.protect else {})
+        self._protect_id = {"protected_prompts": prompts_digest(read_protected_prompts(self.protect))} if self.protect else {}
         self.engine_overrides = dict(engine_overrides or {})
         self.perplexity_text = Path(perplexity_text) if perplexity_text is not None else None
         self._base_perplexity: float | None = None

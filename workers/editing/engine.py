@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from editfleet.workers.editing.batching import Rows, target_ids
 from editfleet.workers.editing.config import EditConfig, Method, default_config
 from editfleet.workers.editing.contexts import generate_contexts
 from editfleet.workers.editing.requests import (EditRequest, EditValidationError, FieldViolation,
-                                                parse_requests, read_protected_prompts)
+                                                parse_requests, prompts_digest, read_protected_prompts)
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, params_digest)
@@ -204,7 +203,7 @@ class Editor:
     @property
     def protect_digest(self) -> str | None:
         """sha256 of the protected prompts (None without): they decide what the next batch computes."""
-        return hashlib.sha256("\n".join(self.protect).encode()).hexdigest() if self.protect else None
+        return prompts_digest(self.protect) if self.protect else None
 
     def protected_moments(self) -> dict[int, torch.Tensor] | None:
         """Per edited layer, ``protect_weight`` times K K^T of the keys at every token of the
@@ -217,19 +216,11 @@ class Editor:
         if self.protect is None:
             return None
         if self._protected is None:
-            cfg, tok = self.config, self.tokenizer
-            layers = list(cfg.layers)
-            sums = {i: torch.zeros_like(self.memory[i]) for i in layers}
+            enc = self.tokenizer(self.protect, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.config.stats_max_length).to(self.device)
             with self._base_weights():
-                for start in range(0, len(self.protect), PROMPT_MEMORY_ROWS):
-                    enc = tok(self.protect[start:start + PROMPT_MEMORY_ROWS], return_tensors="pt", padding=True,
-                              truncation=True, max_length=cfg.stats_max_length).to(self.device)
-                    keep = enc["attention_mask"].bool()
-                    if tok.bos_token_id is not None:
-                        keep &= enc["input_ids"] != tok.bos_token_id
-                    accumulate_key_moments(self.model, self.adapter, layers, enc["input_ids"], enc["attention_mask"],
-                                           sums, keep)
-            self._protected = {i: cfg.protect_weight * m for i, m in sums.items()}
+                sums = self._token_moments(enc["input_ids"], enc["attention_mask"])
+            self._protected = {i: self.config.protect_weight * m for i, m in sums.items()}
         return self._protected
 
     def context_templates(self) -> list[str]:
@@ -410,15 +401,19 @@ class Editor:
     def _prompt_moments(self, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
         """Per edited layer, K K^T of the keys at every token of the requests' bare prompts and
         their targets' leading tokens (BOS left out: every text shares it), on the current weights."""
-        layers = list(self.config.layers)
         rows = context_rows(self.tokenizer, requests, ["{}"], with_targets=True).to(self.device)
-        keep = rows.attention_mask.bool()
+        return self._token_moments(rows.input_ids, rows.attention_mask)
+
+    def _token_moments(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per edited layer, K K^T of the keys at every real token of ``ids`` but BOS (every text
+        shares it), on the current weights, ``PROMPT_MEMORY_ROWS`` rows per forward pass."""
+        layers = list(self.config.layers)
+        keep = mask.bool()
         if self.tokenizer.bos_token_id is not None:
-            keep &= rows.input_ids != self.tokenizer.bos_token_id
+            keep &= ids != self.tokenizer.bos_token_id
         moments = {i: torch.zeros_like(self.memory[i]) for i in layers}
-        for chunk in torch.arange(rows.size, device=self.device).split(PROMPT_MEMORY_ROWS):
-            accumulate_key_moments(self.model, self.adapter, layers, rows.input_ids[chunk],
-                                   rows.attention_mask[chunk], moments, keep[chunk])
+        for chunk in torch.arange(ids.shape[0], device=self.device).split(PROMPT_MEMORY_ROWS):
+            accumulate_key_moments(self.model, self.adapter, layers, ids[chunk], mask[chunk], moments, keep[chunk])
         return moments
 
     def replay(self, deltas: LowRank, keys: dict[int, torch.Tensor], requests: Sequence[EditRequest] | None = None,

@@ -6,6 +6,7 @@ rules the engine applies; the engine adds the checks that need a tokenizer (cont
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +197,8 @@ def read_protected_prompts(files: Sequence[str | os.PathLike[str]]) -> list[str]
             raise ValueError(f"protected prompts file {path} has no prompt (one per line)")
         prompts += lines
     return prompts
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """sha256 of protected prompts as read: what a checkpoint id and a saved state record of them."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()

@@ -4,8 +4,9 @@
 
 AlphaEdit: P is the null-space projector, lambda = ``null_moment_weight`` (0 in the paper),
 mu = ``memory_weight`` (1 in the paper), alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no
-sequential memory. Protected prompts' keys (``protected``, optional) join the sum like K_p. The update is returned as thin factors (U = R, V): its rank is at most the
-batch size, so checkpoints store two small matrices instead of a dense delta.
+sequential memory. Protected prompts' keys (``protected``, optional) join the sum like K_p.
+The update is returned as thin factors (U = R, V): its rank is at most the batch size, so
+checkpoints store two small matrices instead of a dense delta.
 """
 
 from __future__ import annotations
