@@ -32,6 +32,8 @@ ROUTED = {
     "models": ("editfleet.workers.models.registry", "main", "built-in models: list, convert, path"),
     "demo": ("editfleet.scheduler.demo", "main", "rewrite three facts on a real model, then roll back"),
     "bench-service": ("editfleet.scheduler.bench_dispatch", "main", "submit-to-dispatch latency and jobs/s"),
+    "protect-prompts": ("editfleet.workers.evaluation.protect", "main",
+                        "write a protected-prompts file from CounterFact or zsRE records"),
 }
 
 

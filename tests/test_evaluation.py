@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -285,3 +286,51 @@ def test_default_statistics_corpus_never_reads_the_perplexity_text(tmp_path, mon
     # The offset is part of the statistics' cache key; a whole file keeps its old digest.
     assert file_digest(corpus) != file_digest([t.path for t in corpus])
     assert file_digest([root / "wiki.valid.raw"]) == file_digest(corpus[:1])
+
+
+def _counterfact_file(path: Path) -> Path:
+    records = [
+        {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+         "target_new": "English", "ground_truth": "French",
+         "rephrase_prompt": "Danielle Darrieux grew up speaking", "locality_prompt": "Michel Rocard is a native speaker of",
+         "locality_ground_truth": "French"},
+        {"case_id": 8, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
+         "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is known for the",
+         "locality_prompt": "Jimi  Hendrix plays the", "locality_ground_truth": "guitar"},
+        {"case_id": 9, "prompt": "Paris is the capital of", "subject": "Berlin", "target_new": "Spain",
+         "ground_truth": "France", "rephrase_prompt": "x", "locality_prompt": "y", "locality_ground_truth": "z"},
+    ]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def test_protect_prompts_command_writes_true_answers_of_the_chosen_records(tmp_path, capsys):
+    from editfleet.client.cli import main
+    from editfleet.workers.editing.requests import read_protected_prompts
+
+    data = _counterfact_file(tmp_path / "cf.json")
+    out = tmp_path / "protect.txt"
+    assert main(["protect-prompts", "--dataset", "counterfact", "--data", str(data), "--records", "1:3",
+                 "--kinds", "rewrite,neighbour", "--out", str(out)]) == 0
+    # Record 2's subject is not in its prompt: refused like an edit, and said so.
+    assert read_protected_prompts([out]) == ["Toko Yasuda plays the guitar", "Jimi Hendrix plays the guitar"]
+    assert "wrote 2 prompts from 1 records" in capsys.readouterr().out
+    assert main(["protect-prompts", "--dataset", "counterfact", "--data", str(data), "--records", "0:1",
+                 "--kinds", "paraphrase", "--out", str(out)]) == 0
+    assert read_protected_prompts([out]) == ["Danielle Darrieux grew up speaking French"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--records", "2:1"], "0 <= START < END"),
+    (["--records", "two"], "expected START:END"),
+    (["--records", "0:2", "--kinds", "rewrite,answers"], "--kinds"),
+    (["--records", "2:3"], "gave no prompt"),
+])
+def test_protect_prompts_command_refuses_bad_arguments_and_writes_nothing(tmp_path, capsys, args, message):
+    from editfleet.client.cli import main
+
+    data = _counterfact_file(tmp_path / "cf.json")
+    out = tmp_path / "protect.txt"
+    with pytest.raises(SystemExit) as exc:
+        main(["protect-prompts", "--dataset", "counterfact", "--data", str(data), "--out", str(out), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not out.exists()
