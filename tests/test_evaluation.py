@@ -325,12 +325,13 @@ def test_protect_prompts_command_writes_true_answers_of_the_chosen_records(tmp_p
     (["--records", "two"], "expected START:END"),
     (["--records", "0:2", "--kinds", "rewrite,answers"], "--kinds"),
     (["--records", "2:3"], "gave no prompt"),
+    (["--records", "0:1", "--data", "missing.json"], "--data: "),
 ])
 def test_protect_prompts_command_refuses_bad_arguments_and_writes_nothing(tmp_path, capsys, args, message):
     from editfleet.client.cli import main
 
     data = _counterfact_file(tmp_path / "cf.json")
     out = tmp_path / "protect.txt"
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # a second --data (the missing file's case) wins
         main(["protect-prompts", "--dataset", "counterfact", "--data", str(data), "--out", str(out), *args])
     assert exc.value.code == 2 and message in capsys.readouterr().err and not out.exists()

@@ -58,10 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated prompt kinds among {', '.join(KINDS)} (default: rewrite)")
     p.add_argument("--out", required=True, help="file to write, one prompt per line")
     args = p.parse_args(argv)
-    path = Path(args.data) if args.data else data_dir() / DEFAULT_FILES[args.dataset]
     first, stop = args.records
     load = load_counterfact if args.dataset == "counterfact" else load_zsre
-    loaded = load(path, limit=stop - first, offset=first)
+    try:
+        path = Path(args.data) if args.data else data_dir() / DEFAULT_FILES[args.dataset]
+        loaded = load(path, limit=stop - first, offset=first)
+    except (OSError, ValueError) as exc:
+        p.error(f"--data: {exc}")
     try:
         lines = protected_lines(loaded.cases, [k.strip() for k in args.kinds.split(",") if k.strip()])
     except ValueError as exc:
