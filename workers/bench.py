@@ -78,13 +78,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _cases(args):
-    from editfleet.workers.evaluation.data import data_dir, load_counterfact, load_zsre
+    from editfleet.workers.evaluation.data import load_dataset
 
-    default = {"counterfact": "counterfact/counterfact-edit.json", "zsre": "zsre/zsre_mend_train-1k.json"}
-    path = Path(args.data) if args.data else data_dir() / default[args.dataset]
-    loader = load_counterfact if args.dataset == "counterfact" else load_zsre
     # Read enough records that N valid cases remain after refusing invalid ones.
-    loaded = loader(path, limit=(args.edits + args.fluency_unedited) * 2 + 50, offset=args.offset)
+    path, loaded = load_dataset(args.dataset, args.data, limit=(args.edits + args.fluency_unedited) * 2 + 50,
+                                offset=args.offset)
     if len(loaded.cases) < args.edits:
         raise SystemExit(f"{path} has only {len(loaded.cases)} valid cases from offset {args.offset}")
     used = loaded.head(args.edits)

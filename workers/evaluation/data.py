@@ -16,6 +16,8 @@ from typing import Any, Literal, Mapping
 from editfleet.workers.editing.requests import EditRequest, FieldViolation, parse_request
 
 DATA_DIR_ENV = "EDITFLEET_DATA_DIR"
+# Each dataset's file under the data folder (shared/data/README.md).
+DATASET_FILES = {"counterfact": "counterfact/counterfact-edit.json", "zsre": "zsre/zsre_mend_train-1k.json"}
 
 CaseKind = Literal["counterfact", "zsre"]
 
@@ -160,3 +162,11 @@ def load_zsre(path: str | Path, limit: int | None = None, offset: int = 0) -> Lo
     """Cases from a zsRE (MEND) file; ``case_id`` is the record's position in the file."""
     return _load(path, limit, offset, "zsre")
 
+
+
+def load_dataset(dataset: CaseKind, path: str | Path | None = None, limit: int | None = None,
+                 offset: int = 0) -> tuple[Path, LoadedCases]:
+    """The records file (``path``, else the dataset's file under :func:`data_dir`) and its cases."""
+    chosen = Path(path) if path else data_dir() / DATASET_FILES[dataset]
+    load = load_counterfact if dataset == "counterfact" else load_zsre
+    return chosen, load(chosen, limit=limit, offset=offset)

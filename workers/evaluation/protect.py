@@ -12,19 +12,22 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from editfleet.workers.evaluation.data import EvalCase, data_dir, load_counterfact, load_zsre
+from editfleet.workers.evaluation.data import DATASET_FILES, EvalCase, load_dataset
 
 KINDS = ("rewrite", "paraphrase", "neighbour")
-DEFAULT_FILES = {"counterfact": "counterfact/counterfact-edit.json", "zsre": "zsre/zsre_mend_train-1k.json"}
+
+
+def check_kinds(kinds: Sequence[str]) -> None:
+    """Refuse an empty or unknown choice of prompt kinds (``ValueError``)."""
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
 
 
 def protected_lines(cases: Sequence[EvalCase], kinds: Sequence[str] = ("rewrite",)) -> list[str]:
     """One ``prompt answer`` line per prompt of the chosen kinds, with the answer the unedited
     model should give: the true answer for rewrite and paraphrase prompts (cases without one are
     left out of those kinds), the neighbourhood answer for neighbourhood prompts."""
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {', '.join(kinds) or 'none'}")
+    check_kinds(kinds)
     lines: list[str] = []
     for case in cases:
         if case.target_true is not None:
@@ -48,27 +51,31 @@ def _records(text: str) -> tuple[int, int]:
     return first, stop
 
 
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    try:
+        check_kinds(kinds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return kinds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="editfleet protect-prompts", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=sorted(DEFAULT_FILES), required=True)
+    p.add_argument("--dataset", choices=sorted(DATASET_FILES), required=True)
     p.add_argument("--data", help="records file (default: the dataset's file under the data folder)")
     p.add_argument("--records", type=_records, required=True, metavar="START:END",
                    help="positions in the file, END excluded; choose records the run does not edit or score")
-    p.add_argument("--kinds", default="rewrite",
+    p.add_argument("--kinds", type=_kinds, default="rewrite",
                    help=f"comma-separated prompt kinds among {', '.join(KINDS)} (default: rewrite)")
     p.add_argument("--out", required=True, help="file to write, one prompt per line")
     args = p.parse_args(argv)
     first, stop = args.records
-    load = load_counterfact if args.dataset == "counterfact" else load_zsre
     try:
-        path = Path(args.data) if args.data else data_dir() / DEFAULT_FILES[args.dataset]
-        loaded = load(path, limit=stop - first, offset=first)
+        path, loaded = load_dataset(args.dataset, args.data, limit=stop - first, offset=first)
     except (OSError, ValueError) as exc:
         p.error(f"--data: {exc}")
-    try:
-        lines = protected_lines(loaded.cases, [k.strip() for k in args.kinds.split(",") if k.strip()])
-    except ValueError as exc:
-        p.error(f"--kinds: {exc}")
+    lines = protected_lines(loaded.cases, args.kinds)
     if not lines:
         p.error(f"--records {first}:{stop} of {path} gave no prompt ({len(loaded.rejected)} records refused)")
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
