@@ -77,7 +77,7 @@ def test_read_edits_errors_name_file_and_line(tmp_path, content, message):
 
 
 def test_cli_routes_subcommands_lazily():
-    assert set(ROUTED) == {"bench", "models", "demo", "bench-service"}
+    assert set(ROUTED) == {"bench", "models", "demo", "bench-service", "protect-prompts"}
     code = ("import sys; from editfleet.client.cli import main; "
             "rc = main(['models', 'list', '--home', sys.argv[1]]); "
             "print(rc, 'editfleet.scheduler' in sys.modules)")
