@@ -9,6 +9,8 @@ from typing import Any
 from editfleet.workers.editing.requests import read_protected_prompts
 from editfleet.workers.store import validate_model_name
 
+from .validation import coerce_settings
+
 DEFAULT_MODELS = ("gemma3-270m", "smollm2-135m")
 
 
@@ -43,7 +45,8 @@ class SchedulerConfig:
         protect: protected prompt files for the workers (one prompt per line; see docs/engine.md).
         perplexity_text: the text whose perplexity every checkpoint reports (default: the
             held-out head of WikiText-2's test file).
-        engine_overrides: engine settings applied to every job (before the job's options).
+        engine_overrides: engine settings applied to every job (before the job's options),
+            checked when the config is made.
         max_edits_per_job: submissions with more edits are refused.
         max_batch_edits: coalescing stops adding jobs to a batch at this many edits.
         max_attempts: dispatches of one job across scheduler restarts before it fails.
@@ -85,6 +88,7 @@ class SchedulerConfig:
             raise ValueError("max_edits_per_job and max_batch_edits must be at least 1")
         if self.protect:
             read_protected_prompts(self.protect)  # a missing or blank file stops serve before Ray starts
+        self.engine_overrides = _checked_overrides(self.engine_overrides)
         if self.worker_device not in ("cpu", "cuda"):
             raise ValueError(f"worker_device must be cpu or cuda, got {self.worker_device!r}")
         if self.log_format not in ("json", "console"):
@@ -108,3 +112,14 @@ class SchedulerConfig:
         """Ray resources each worker actor reserves."""
         return {"num_cpus": self.worker_num_cpus, **({"num_gpus": 1} if self.worker_device == "cuda" else {})}
 
+
+def _checked_overrides(overrides: Any) -> dict[str, Any]:
+    """Server-wide engine settings, checked by the rules a job's own settings pass: a typo stops
+    serve at once instead of failing every job later."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"engine settings must be a JSON object, got {type(overrides).__name__}")
+    settings, problems = coerce_settings(overrides, "engine_settings")
+    if problems:
+        raise ValueError("; ".join(f"{path} {why}" if path.startswith("engine_settings.") else why
+                                   for path, why in problems))
+    return settings

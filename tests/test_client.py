@@ -100,3 +100,14 @@ def test_serve_refuses_a_missing_protected_prompts_file_before_starting(tmp_path
     assert not (tmp_path / "store").exists()  # nothing was started or written
     assert main(["serve", "--store", str(tmp_path / "store"), "--engine-settings", "{nope"]) == 1
     assert "--engine-settings is not valid JSON" in capsys.readouterr().err
+
+
+def test_serve_refuses_unknown_or_invalid_engine_settings_before_starting(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["serve", "--store", str(store), "--engine-settings", '{"spectral_capp": 0.45}']) == 1
+    assert "engine_settings.spectral_capp is not an engine setting" in capsys.readouterr().err
+    assert main(["serve", "--store", str(store), "--engine-settings", '{"update_rounds": 6.5}']) == 1
+    assert "engine_settings.update_rounds must be an integer, got 6.5" in capsys.readouterr().err
+    assert main(["serve", "--store", str(store), "--engine-settings", '[6]']) == 1
+    assert "engine settings must be a JSON object, got list" in capsys.readouterr().err
+    assert not store.exists()  # nothing was started or written
