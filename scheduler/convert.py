@@ -90,7 +90,7 @@ def checkpoint_message(record: CheckpointRecord, head: str) -> pb.Checkpoint:
         create_time=_timestamp(meta["created"]), content_digest=meta["content_digest"],
         artifacts=[pb.Artifact(path=name, sha256=a["sha256"], size_bytes=a["size_bytes"])
                    for name, a in sorted(record.artifacts.items())],
-        head=record.id == head,
+        head=record.id == head, protected_prompts=meta.get("protected_prompts", ""),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from editfleet.scheduler.convert import checkpoint_message
 from editfleet.workers.editing.requests import MAX_TEXT_CHARS
 from editfleet.workers.executor import InProcessExecutor
 from editfleet.workers.store import BASE, CheckpointStore, CorruptArtifact
@@ -187,6 +188,8 @@ def test_protected_prompts_are_part_of_the_checkpoint_identity(chain, parts):
     assert result["checkpoint"] != chain["first"]["checkpoint"] and not result["reused"]
     meta = CheckpointStore(store).read("tiny", result["checkpoint"]).meta
     assert len(meta["protected_prompts"]) == 64
+    shown = checkpoint_message(CheckpointStore(store).read("tiny", result["checkpoint"]), head="")
+    assert shown.protected_prompts == meta["protected_prompts"]  # the API shows which prompts were kept
     name = "models/tiny/checkpoints/{}/layer002.safetensors"
     plain, kept = (load_file(store / name.format(c)) for c in (chain["first"]["checkpoint"], result["checkpoint"]))
     assert not torch.allclose(plain["V"], kept["V"])

@@ -253,7 +253,7 @@ class Artifact(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("name", "id", "model", "parent", "edits", "method", "engine_settings", "engine_version", "scores", "create_time", "content_digest", "artifacts", "head")
+    __slots__ = ("name", "id", "model", "parent", "edits", "method", "engine_settings", "engine_version", "scores", "create_time", "content_digest", "artifacts", "head", "protected_prompts")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class Checkpoint(_message.Message):
     CONTENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     id: str
     model: str
@@ -287,7 +288,8 @@ class Checkpoint(_message.Message):
     content_digest: str
     artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
     head: bool
-    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., model: _Optional[str] = ..., parent: _Optional[str] = ..., edits: _Optional[_Iterable[_Union[Edit, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., engine_settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., engine_version: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., content_digest: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., head: _Optional[bool] = ...) -> None: ...
+    protected_prompts: str
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., model: _Optional[str] = ..., parent: _Optional[str] = ..., edits: _Optional[_Iterable[_Union[Edit, _Mapping]]] = ..., method: _Optional[_Union[Method, str]] = ..., engine_settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., engine_version: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., content_digest: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., head: _Optional[bool] = ..., protected_prompts: _Optional[str] = ...) -> None: ...
 
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("name",)
