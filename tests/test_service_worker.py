@@ -186,10 +186,10 @@ def test_protected_prompts_are_part_of_the_checkpoint_identity(chain, parts):
     protected = _executor(parts, store, protect=[str(protect)])
     _, result = _run(protected, BASE, [EIFFEL])
     assert result["checkpoint"] != chain["first"]["checkpoint"] and not result["reused"]
-    meta = CheckpointStore(store).read("tiny", result["checkpoint"]).meta
-    assert len(meta["protected_prompts"]) == 64
-    shown = checkpoint_message(CheckpointStore(store).read("tiny", result["checkpoint"]), head="")
-    assert shown.protected_prompts == meta["protected_prompts"]  # the API shows which prompts were kept
+    record = CheckpointStore(store).read("tiny", result["checkpoint"])
+    assert len(record.meta["protected_prompts"]) == 64
+    shown = checkpoint_message(record, head="")
+    assert shown.protected_prompts == record.meta["protected_prompts"]  # the API shows which prompts were kept
     name = "models/tiny/checkpoints/{}/layer002.safetensors"
     plain, kept = (load_file(store / name.format(c)) for c in (chain["first"]["checkpoint"], result["checkpoint"]))
     assert not torch.allclose(plain["V"], kept["V"])
