@@ -229,7 +229,8 @@ class Editor:
         if self.contexts is None:
             cfg = self.config
             with self._base_weights():
-                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed,
+                                                  plain=cfg.plain_prefixes)
         return self.contexts
 
     # -- editing --------------------------------------------------------------------------------
