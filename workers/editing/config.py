@@ -28,9 +28,6 @@ class EditConfig:
         v_weight_decay: weight of ||delta|| / ||value||^2.
         n_prefixes: generated context prefixes (plus the bare prompt) per request.
         prefix_tokens: length of each generated prefix, in tokens.
-        plain_prefixes: sample the prefixes among plain-word tokens only (no markup, digits or
-            line breaks; Gemma 3 otherwise writes prefixes like "The <strong>201."). Every edit
-            of a state shares the same prefixes, so what they say reaches all of its keys.
         nullspace_threshold: absolute eigenvalue threshold: directions of the preserved key second
             moment with eigenvalue below it form the null space (AlphaEdit's released code: 2e-2).
         nullspace_energy: relative alternative: keep the smallest directions whose eigenvalues sum
@@ -107,7 +104,6 @@ class EditConfig:
     v_weight_decay: float = 0.5
     n_prefixes: int = 5
     prefix_tokens: int = 10
-    plain_prefixes: bool = False
     nullspace_threshold: float = 2e-2
     nullspace_energy: float | None = None
     alpha: float = 10.0

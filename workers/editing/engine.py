@@ -229,8 +229,7 @@ class Editor:
         if self.contexts is None:
             cfg = self.config
             with self._base_weights():
-                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed,
-                                                  plain=cfg.plain_prefixes)
+                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
         return self.contexts
 
     # -- editing --------------------------------------------------------------------------------
