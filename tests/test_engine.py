@@ -15,7 +15,7 @@ from editfleet.workers.editing.config import default_config
 from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
 from editfleet.workers.editing import runner as runner_module
-from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, add_at_projection, capture_projection
+from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, SuffixRunner, add_at_projection, capture_projection
 from editfleet.workers.editing.statistics import params_digest, token_sequences
 from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
@@ -90,6 +90,46 @@ def test_subject_replay_in_groups_and_from_the_changed_layer_equals_a_full_pass(
             torch.testing.assert_close(replay.keys[i], keys[i], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(replay.values[i], values[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(replay.hidden, hidden, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_suffix_replay_equals_the_whole_replay_from_the_subject_on(family):
+    """Replaying only the positions from each row's subject on, over the earlier positions'
+    recorded keys and values, gives the whole replay's hidden states and gradients there (Gemma
+    3's tiny config has a 16-token sliding window, shorter than these rows). GPT-2 passes its
+    mask positionally and is replayed whole."""
+    model, tok = tiny_model(family, seed=1, initializer_range=0.1)
+    adapter, layer = _adapter(model), 2
+    rows = context_rows(tok, REQUESTS, ["{}", "Once upon a time in a land far away. {}", "Well. {}"], with_targets=True)
+    whole = LayerRunner(model, adapter, rows.input_ids, rows.attention_mask, start=layer)
+    suffix = SuffixRunner(model, adapter, rows.input_ids, rows.attention_mask, rows.subject_pos, start=layer)
+    if family == "gpt2":
+        assert not suffix.split.any()
+    else:
+        assert torch.equal(suffix.split, rows.subject_pos)
+    live = torch.tensor([0, 2, 3, 5])
+    shift = torch.randn(len(live), model.config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+
+    def replay(runner, slot):
+        def add(out):
+            at = (torch.arange(len(live)), slot[live])
+            return out.index_put(at, out[at] + shift)
+        with add_at_projection(model, adapter, layer, add):
+            h = runner.run(rows=live)
+        grad, = torch.autograd.grad(h[torch.arange(len(live)), slot[live]].square().sum(), shift)
+        return h.detach(), grad
+
+    split = suffix.split
+    h_whole, g_whole = replay(whole, rows.subject_pos)
+    h_suffix, g_suffix = replay(suffix, rows.subject_pos - split)
+    lengths = rows.attention_mask.sum(1)
+    for k, r in enumerate(live.tolist()):
+        n = int(lengths[r] - split[r])
+        torch.testing.assert_close(h_suffix[k, :n], h_whole[k, int(split[r]):int(lengths[r])], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_suffix, g_whole, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # from a given hidden state (one layer up), as the float32 re-check does
+        mid = suffix.run(end=layer)
+        torch.testing.assert_close(suffix.run(start=layer + 1, hidden=mid), suffix.run(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])

@@ -98,6 +98,133 @@ class LayerRunner:
         return h
 
 
+class _PrefixCache:
+    """Stands in for a transformers ``Cache`` in a suffix replay: each attention layer gets the
+    frozen positions' keys and values (recorded once) in front of the replayed ones."""
+
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return (torch.cat([self.keys[layer_idx].to(key_states.dtype), key_states], -2),
+                torch.cat([self.values[layer_idx].to(value_states.dtype), value_states], -2))
+
+
+class _Recorder:
+    """A ``Cache`` stand-in that keeps the first ``width`` positions' keys and values per layer."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx] = key_states[..., : self.width, :].detach()
+        self.values[layer_idx] = value_states[..., : self.width, :].detach()
+        return key_states, value_states
+
+
+class SuffixRunner:
+    """A ``LayerRunner`` that replays only each row's positions from ``split`` on.
+
+    When only the positions from ``split[r]`` on can change (a target shift added at the
+    subject's last token: causal attention keeps every earlier position as it was), the earlier
+    positions' keys and values are recorded once per layer and each replay runs the suffix
+    alone, attending to them. On CounterFact batches the suffixes hold a third of the padded
+    tokens (docs/benchmarks.md). Hidden states come back in suffix coordinates: slot ``s`` of row
+    ``r`` is position ``split[r] + s``.
+
+    Families whose layers take other per-position inputs, or the attention mask positionally
+    (GPT-2), are replayed whole: ``split`` is then all zeros and ``run`` is the plain replay.
+    """
+
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, split: torch.Tensor, start: int):
+        self.full = LayerRunner(model, adapter, input_ids, attention_mask, start=start)
+        self.start, self.stop, self.layers = start, self.full.stop, self.full.layers
+        self.calls = {j: self._suffix_call(j) for j in range(start, self.stop + 1)}
+        if any(call is None for call in self.calls.values()):
+            self.split = torch.zeros_like(split)
+            self.hidden_in = self.full.hidden_in
+            return
+        self.split = split
+        lengths = attention_mask.sum(1)
+        width = int(split.max())
+        slots = int((lengths - split).max())
+        total = input_ids.shape[1]
+        self.pos = (split[:, None] + torch.arange(slots, device=split.device)).clamp(max=total - 1)
+        self.hidden_in = self.full.hidden_in[torch.arange(len(split), device=split.device)[:, None], self.pos]
+        recorder = _Recorder(width)
+        with torch.no_grad():
+            h = self.full.hidden_in
+            for j in range(start, self.stop + 1):
+                as_kw, rest, kw = self.full.calls[j]
+                out = self.layers[j](*rest, hidden_states=h, **{**kw, "cache": recorder}) if as_kw \
+                    else self.layers[j](h, *rest, **{**kw, "cache": recorder})
+                h = out[0] if isinstance(out, tuple) else out
+        self.keys, self.values = recorder.keys, recorder.values
+        # Mask (rows, 1, slots, width + slots): a row's own frozen positions, then the suffix
+        # causally; per sliding window where a layer has one.
+        q_abs = self.pos
+        k_prefix = torch.arange(width, device=split.device)
+        prefix_ok = k_prefix[None, None, :] < split[:, None, None]
+        suffix_ok = torch.ones(slots, slots, dtype=torch.bool, device=split.device).tril()[None]
+        self.masks: dict[int, torch.Tensor] = {}
+        for j in self.calls:
+            window = getattr(getattr(self.layers[j], "self_attn", None), "sliding_window", None)
+            p_ok, s_ok = prefix_ok, suffix_ok.expand(len(split), -1, -1)
+            if window:
+                k_suffix_abs = q_abs[:, None, :]
+                p_ok = p_ok & (q_abs[:, :, None] - k_prefix[None, None, :] < window)
+                s_ok = s_ok & (q_abs[:, :, None] - k_suffix_abs < window)
+            mask = torch.cat([p_ok.expand(-1, slots, -1), s_ok], -1)[:, None]
+            recorded = self.full.calls[j][2].get("attention_mask")
+            if recorded is not None and recorded.dtype != torch.bool:  # additive masks (eager)
+                mask = torch.zeros(mask.shape, dtype=recorded.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(recorded.dtype).min)
+            self.masks[j] = mask
+
+    def _suffix_call(self, j: int) -> dict | None:
+        """Layer ``j``'s recorded keyword inputs, or None where a suffix replay cannot reuse them."""
+        as_kw, rest, kw = self.full.calls[j]
+        if rest or "cache" not in kw:
+            return None
+        for name, value in kw.items():
+            if name in ("attention_mask", "position_embeddings", "position_ids", "cache"):
+                continue
+            if isinstance(value, (torch.Tensor, tuple, list, dict)):
+                return None
+        return kw
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-position input (positions on dim 1, batch 1 or rows) at the suffix positions."""
+        rows = torch.arange(len(self.split), device=self.split.device)[:, None]
+        return value[0][self.pos] if value.shape[0] == 1 else value[rows, self.pos]
+
+    def run(self, end: int | None = None, hidden: torch.Tensor | None = None, start: int | None = None,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``LayerRunner.run``, in suffix coordinates."""
+        if not self.split.any():
+            return self.full.run(end=end, hidden=hidden, start=start, rows=rows)
+        start = self.start if start is None else start
+        end = self.stop if end is None else end
+        take = (lambda t: t) if rows is None else (lambda t: t[rows])
+        h = take(self.hidden_in) if hidden is None else hidden
+        cache = _PrefixCache({j: take(self.keys[j]) for j in range(start, end + 1)},
+                             {j: take(self.values[j]) for j in range(start, end + 1)})
+        for j in range(start, end + 1):
+            kw = dict(self.calls[j])
+            kw["attention_mask"] = take(self.masks[j])
+            if kw.get("position_embeddings") is not None:
+                kw["position_embeddings"] = tuple(take(self._gather(t)) for t in kw["position_embeddings"])
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = take(self._gather(kw["position_ids"]))
+            kw["cache"] = cache
+            out = self.layers[j](hidden_states=h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
 class SubjectReplay:
     """The per-layer update's view of a batch: the rows in length groups (each padded to its own
     longest row), replayed over the edited layers only from the lowest layer changed since the

@@ -2,10 +2,12 @@
 
 All requests of a batch are optimised together, one Adam step for the whole batch. Everything
 below the last edited layer is constant during the optimisation, so it is computed once
-(``LayerRunner``) and only the layers from the last edited one upward run at each step; the LM
-head is applied only at the positions the loss reads. The rows are replayed in a few length
-groups, each padded to its own longest row (one padded batch of edit prompts is about half
-padding), cut into chunks of at most ``CHUNK_ROWS`` rows; each chunk's share of the loss is
+and only the layers from the last edited one upward run at each step; the LM head is applied
+only at the positions the loss reads. The shift is added at the subject's last token, so the
+positions before it never change either: each step replays every row from its subject's last
+token on, attending to the earlier positions' keys and values recorded once (``SuffixRunner``).
+The rows are replayed in a few groups of similar suffix length, each padded to its own longest
+suffix, cut into chunks of at most ``CHUNK_ROWS`` rows; each chunk's share of the loss is
 back-propagated before the next chunk runs, so memory is bounded by the chunk, not the batch.
 Requests are independent (each has its own shift, loss and Adam moments, which are elementwise),
 so the batched result equals the per-request loop up to float32 summation order; a request that
@@ -28,7 +30,7 @@ from torch import nn
 from editfleet.workers.editing.batching import GROUP_COST, MAX_GROUPS, Rows, length_groups, prompt_rows, target_ids
 from editfleet.workers.editing.config import EditConfig
 from editfleet.workers.editing.requests import EditRequest
-from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
+from editfleet.workers.editing.runner import SuffixRunner, add_at_projection, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import head_logits, model_device
 
@@ -82,32 +84,38 @@ def context_rows(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[
 
 
 class _Groups:
-    """The batch's rows in length groups (``length_groups``) cut into chunks of at most
-    ``CHUNK_ROWS`` rows, each with its own recorded pass.
+    """The batch's rows in groups of similar suffix length (``length_groups``) cut into chunks of
+    at most ``CHUNK_ROWS`` rows, each with its own recorded pass.
 
-    Maps every row to its group and its index there, so that positions the loss reads can be
-    found in the group's hidden states.
+    Maps every row to its group and its index there, and every position the optimisation reads
+    to its slot in the group's replayed suffix, so that they can be found in its hidden states.
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, rows: Rows, layer: int):
         lengths = rows.attention_mask.sum(1)
         device = rows.input_ids.device
-        self.members = [chunk for member in length_groups(lengths, MAX_GROUPS, GROUP_COST)
+        self.members = [chunk for member in length_groups(lengths - rows.subject_pos, MAX_GROUPS, GROUP_COST)
                         for chunk in member.tensor_split(-(-len(member) // CHUNK_ROWS))]
         self.group = torch.empty(rows.size, dtype=torch.long, device=device)
         self.local = torch.empty(rows.size, dtype=torch.long, device=device)
-        self.runners: list[LayerRunner] = []
+        self.split = torch.zeros(rows.size, dtype=torch.long, device=device)  # per row: slot 0's position
+        self.runners: list[SuffixRunner] = []
         self.value0: torch.Tensor | None = None  # per row: ``layer``'s projection output at the subject
         for g, member in enumerate(self.members):
             self.group[member], self.local[member] = g, torch.arange(len(member), device=device)
             width = int(lengths[member].max())
             with capture_projection(model, adapter, [layer], inputs=False, outputs=True) as seen:
-                self.runners.append(LayerRunner(model, adapter, rows.input_ids[member, :width],
-                                                rows.attention_mask[member, :width], start=layer))
+                runner = SuffixRunner(model, adapter, rows.input_ids[member, :width],
+                                      rows.attention_mask[member, :width], rows.subject_pos[member], start=layer)
+            self.runners.append(runner)
+            self.split[member] = runner.split
             out = seen["out"][layer][torch.arange(len(member), device=device), rows.subject_pos[member]]
             if self.value0 is None:
                 self.value0 = out.new_empty(rows.size, out.shape[-1])
             self.value0[member] = out
+        self.subject_slot = rows.subject_pos - self.split
+        self.last_slot = rows.last_pos - self.split
+        self.loss_slot = rows.loss_col - self.split[rows.loss_row]
 
 
 def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
@@ -133,7 +141,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         for g in groups.group[bare].unique().tolist():  # the groups holding a bare prompt
             mine = bare[groups.group[bare] == g]
             h = groups.runners[g].run(end=layer)
-            h0[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
+            h0[mine // n_ctx] = h[groups.local[mine], groups.subject_slot[mine]]
     ref_norm = (value0 if adapter.post_norm else h0).norm(dim=-1)
     final_norm = adapter.final_norm_module(model)
 
@@ -145,7 +153,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     replayed = torch.arange(0, device=device)  # global rows of the group being replayed, in replay order
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
-        at = (torch.arange(len(replayed), device=device), rows.subject_pos[replayed])
+        at = (torch.arange(len(replayed), device=device), groups.subject_slot[replayed])
         return out.index_put(at, (out[at] + shift[rows.owner[replayed]]).to(out.dtype))
 
     tokens_per_row = torch.bincount(rows.loss_row, minlength=n_ctx_rows).clamp_min(1)
@@ -184,8 +192,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                     h = final_norm(groups.runners[g].run(rows=live_local))
                     pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
                     kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
-                    reads = torch.cat([h[in_live[groups.local[rows.loss_row[pos]]], rows.loss_col[pos]],
-                                       h[in_live[groups.local[kl_rows[kl]]], rows.last_pos[kl_rows[kl]]]])
+                    reads = torch.cat([h[in_live[groups.local[rows.loss_row[pos]]], groups.loss_slot[pos]],
+                                       h[in_live[groups.local[kl_rows[kl]]], groups.last_slot[kl_rows[kl]]]])
                     logp_all = head_logits(model, reads, head_weight).log_softmax(-1)
                 logp, kl_logp = logp_all[: len(pos)], logp_all[len(pos):]
                 nll_g = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
@@ -227,11 +235,11 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             replayed = member
             with add_at_projection(model, adapter, layer, add_shift):
                 h = groups.runners[g].run(end=layer)
-            z[mine // n_ctx] = h[groups.local[mine], rows.subject_pos[mine]]
+            z[mine // n_ctx] = h[groups.local[mine], groups.subject_slot[mine]]
             if low:  # what the shift achieves in float32
                 h = final_norm(groups.runners[g].run(start=layer + 1, hidden=h))
                 pos = torch.nonzero(position_group == g).flatten()
-                logp = head_logits(model, h[groups.local[rows.loss_row[pos]], rows.loss_col[pos]]).log_softmax(-1)
+                logp = head_logits(model, h[groups.local[rows.loss_row[pos]], groups.loss_slot[pos]]).log_softmax(-1)
                 token_nll[pos] = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
     if low:
         nll = request_nll(token_nll)
