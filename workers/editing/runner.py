@@ -3,7 +3,8 @@
 During target optimisation and per-layer key recomputation only the layers from some index on
 are affected. One full pass records each layer's inputs (masks, rotary embeddings, position ids:
 whatever the family passes), after which ``run`` replays a slice of the stack from a cached
-hidden state. This is what keeps the layers below the edited ones out of every optimisation step.
+hidden state. This is what keeps the layers below the edited ones out of every optimisation step;
+``SuffixRunner`` also keeps out the positions before the one that changes.
 """
 
 from __future__ import annotations
