@@ -40,10 +40,12 @@ class LayerRunner:
         input_ids, attention_mask: the (right-padded) batch.
         start: first layer whose input hidden state is kept (the slice start).
         stop: last layer the recording pass needs to reach (None: all layers).
+        cache: a ``Cache`` stand-in handed, during the recording pass, to the layers from
+            ``start`` on that take one by keyword (so it sees their keys and values).
     """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, start: int, stop: int | None = None):
+                 attention_mask: torch.Tensor, start: int, stop: int | None = None, cache: object | None = None):
         self.model, self.adapter = model, adapter
         self.layers = adapter.layer_modules(model)
         self.stop = len(self.layers) - 1 if stop is None else stop
@@ -59,6 +61,8 @@ class LayerRunner:
                 self.calls[index] = (as_kw, tuple(args[1:]), kw)
                 if index == self.start:
                     self.hidden_in = hidden.detach()
+                if cache is not None and "cache" in kwargs and len(args) <= 1:
+                    return args, {**kwargs, "cache": cache}
             return hook
 
         def stop_hook(module, args, output):
@@ -141,66 +145,57 @@ class SuffixRunner:
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, split: torch.Tensor, start: int):
-        self.full = LayerRunner(model, adapter, input_ids, attention_mask, start=start)
+        width = int(split.max())
+        recorder = _Recorder(width)  # keys and values of the recording pass itself
+        self.full = LayerRunner(model, adapter, input_ids, attention_mask, start=start, cache=recorder)
         self.start, self.stop, self.layers = start, self.full.stop, self.full.layers
-        self.calls = {j: self._suffix_call(j) for j in range(start, self.stop + 1)}
-        if any(call is None for call in self.calls.values()):
+        layers = range(start, self.stop + 1)
+        if not all(self._reusable(j) for j in layers) or set(recorder.keys) != set(layers):
             self.split = torch.zeros_like(split)
             self.hidden_in = self.full.hidden_in
             return
         self.split = split
-        lengths = attention_mask.sum(1)
-        width = int(split.max())
-        slots = int((lengths - split).max())
-        total = input_ids.shape[1]
-        self.pos = (split[:, None] + torch.arange(slots, device=split.device)).clamp(max=total - 1)
-        self.hidden_in = self.full.hidden_in[torch.arange(len(split), device=split.device)[:, None], self.pos]
-        recorder = _Recorder(width)
-        with torch.no_grad():
-            h = self.full.hidden_in
-            for j in range(start, self.stop + 1):
-                as_kw, rest, kw = self.full.calls[j]
-                out = self.layers[j](*rest, hidden_states=h, **{**kw, "cache": recorder}) if as_kw \
-                    else self.layers[j](h, *rest, **{**kw, "cache": recorder})
-                h = out[0] if isinstance(out, tuple) else out
         self.keys, self.values = recorder.keys, recorder.values
+        rows = torch.arange(len(split), device=split.device)[:, None]
+        slots = int((attention_mask.sum(1) - split).max())
+        pos = (split[:, None] + torch.arange(slots, device=split.device)).clamp(max=input_ids.shape[1] - 1)
+        self.hidden_in = self.full.hidden_in[rows, pos]
+
+        def gather(value: torch.Tensor) -> torch.Tensor:  # positions on dim 1, batch 1 or rows
+            return value[0][pos] if value.shape[0] == 1 else value[rows, pos]
+
         # Mask (rows, 1, slots, width + slots): a row's own frozen positions, then the suffix
         # causally; per sliding window where a layer has one.
-        q_abs = self.pos
         k_prefix = torch.arange(width, device=split.device)
-        prefix_ok = k_prefix[None, None, :] < split[:, None, None]
-        suffix_ok = torch.ones(slots, slots, dtype=torch.bool, device=split.device).tril()[None]
-        self.masks: dict[int, torch.Tensor] = {}
-        for j in self.calls:
+        prefix_ok = (k_prefix[None, None, :] < split[:, None, None]).expand(-1, slots, -1)
+        suffix_ok = torch.ones(slots, slots, dtype=torch.bool, device=split.device).tril().expand(len(split), -1, -1)
+        self.calls: dict[int, dict] = {}  # per layer: its keyword inputs at the suffix positions
+        for j in layers:
+            kw = dict(self.full.calls[j][2])
             window = getattr(getattr(self.layers[j], "self_attn", None), "sliding_window", None)
-            p_ok, s_ok = prefix_ok, suffix_ok.expand(len(split), -1, -1)
+            p_ok, s_ok = prefix_ok, suffix_ok
             if window:
-                k_suffix_abs = q_abs[:, None, :]
-                p_ok = p_ok & (q_abs[:, :, None] - k_prefix[None, None, :] < window)
-                s_ok = s_ok & (q_abs[:, :, None] - k_suffix_abs < window)
-            mask = torch.cat([p_ok.expand(-1, slots, -1), s_ok], -1)[:, None]
-            recorded = self.full.calls[j][2].get("attention_mask")
+                p_ok = p_ok & (pos[:, :, None] - k_prefix[None, None, :] < window)
+                s_ok = s_ok & (pos[:, :, None] - pos[:, None, :] < window)
+            mask = torch.cat([p_ok, s_ok], -1)[:, None]
+            recorded = kw.get("attention_mask")
             if recorded is not None and recorded.dtype != torch.bool:  # additive masks (eager)
                 mask = torch.zeros(mask.shape, dtype=recorded.dtype, device=mask.device).masked_fill(
                     ~mask, torch.finfo(recorded.dtype).min)
-            self.masks[j] = mask
+            kw["attention_mask"] = mask
+            if kw.get("position_embeddings") is not None:
+                kw["position_embeddings"] = tuple(gather(t) for t in kw["position_embeddings"])
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = gather(kw["position_ids"])
+            self.calls[j] = kw
 
-    def _suffix_call(self, j: int) -> dict | None:
-        """Layer ``j``'s recorded keyword inputs, or None where a suffix replay cannot reuse them."""
+    def _reusable(self, j: int) -> bool:
+        """Whether layer ``j``'s recorded inputs can be cut to the suffix positions."""
         as_kw, rest, kw = self.full.calls[j]
         if rest or "cache" not in kw:
-            return None
-        for name, value in kw.items():
-            if name in ("attention_mask", "position_embeddings", "position_ids", "cache"):
-                continue
-            if isinstance(value, (torch.Tensor, tuple, list, dict)):
-                return None
-        return kw
-
-    def _gather(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-position input (positions on dim 1, batch 1 or rows) at the suffix positions."""
-        rows = torch.arange(len(self.split), device=self.split.device)[:, None]
-        return value[0][self.pos] if value.shape[0] == 1 else value[rows, self.pos]
+            return False
+        return not any(isinstance(value, (torch.Tensor, tuple, list, dict)) for name, value in kw.items()
+                       if name not in ("attention_mask", "position_embeddings", "position_ids", "cache"))
 
     def run(self, end: int | None = None, hidden: torch.Tensor | None = None, start: int | None = None,
             rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,19 +204,12 @@ class SuffixRunner:
             return self.full.run(end=end, hidden=hidden, start=start, rows=rows)
         start = self.start if start is None else start
         end = self.stop if end is None else end
-        take = (lambda t: t) if rows is None else (lambda t: t[rows])
+        batch = len(self.split)
+        take = (lambda value: value) if rows is None else (lambda value: _take(value, rows, batch))
         h = take(self.hidden_in) if hidden is None else hidden
-        cache = _PrefixCache({j: take(self.keys[j]) for j in range(start, end + 1)},
-                             {j: take(self.values[j]) for j in range(start, end + 1)})
+        cache = _PrefixCache(take(self.keys), take(self.values))
         for j in range(start, end + 1):
-            kw = dict(self.calls[j])
-            kw["attention_mask"] = take(self.masks[j])
-            if kw.get("position_embeddings") is not None:
-                kw["position_embeddings"] = tuple(take(self._gather(t)) for t in kw["position_embeddings"])
-            if kw.get("position_ids") is not None:
-                kw["position_ids"] = take(self._gather(kw["position_ids"]))
-            kw["cache"] = cache
-            out = self.layers[j](hidden_states=h, **kw)
+            out = self.layers[j](hidden_states=h, **{**take(self.calls[j]), "cache": cache})
             h = out[0] if isinstance(out, tuple) else out
         return h
 
