@@ -4,10 +4,9 @@ All requests of a batch are optimised together, one Adam step for the whole batc
 below the last edited layer is constant during the optimisation, so it is computed once
 and only the layers from the last edited one upward run at each step; the LM head's part of the
 loss is computed only at the positions the loss reads, for all of them in one pass over the
-vocabulary that yields its gradient directly (head.py). The shift is added at the subject's last
-token, so the positions before it never change either: each step replays every row from its
-subject's last token on, attending to the earlier positions' keys and values recorded once
-(``SuffixRunner``).
+vocabulary that yields its gradient directly (head.py). The shift is added at the subject's last token, so the
+positions before it never change either: each step replays every row from its subject's last
+token on, attending to the earlier positions' keys and values recorded once (``SuffixRunner``).
 The rows are replayed in a few groups of similar suffix length, each padded to its own longest
 suffix. They are replayed with autograd in waves of at most ``WAVE_ROWS`` rows, each
 back-propagated before the next runs, so memory is bounded by the wave, not the batch.
