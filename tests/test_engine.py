@@ -344,16 +344,16 @@ def test_memit_moves_preserved_outputs(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("chunk_rows", [None, 1])
-def test_batched_targets_equal_per_request_loop(family, chunk_rows, monkeypatch):
-    """Also when the batch is back-propagated in chunks of one row (each chunk's graph freed
-    before the next), which must not change the optimisation."""
+@pytest.mark.parametrize("wave_rows", [None, 1])
+def test_batched_targets_equal_per_request_loop(family, wave_rows, monkeypatch):
+    """Also when the batch is back-propagated in waves of one row (each wave's graph freed before
+    the next), which must not change the optimisation."""
     model, tok = tiny_model(family, seed=1, initializer_range=0.1)
     config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 12})
     contexts = ["{}", "Once upon a time. {}", "Well. {}"]
     loop = optimise_targets_loop(model, tok, _adapter(model), REQUESTS, contexts, config)
-    if chunk_rows is not None:
-        monkeypatch.setattr(targets_module, "CHUNK_ROWS", chunk_rows)
+    if wave_rows is not None:
+        monkeypatch.setattr(targets_module, "WAVE_ROWS", wave_rows)
     batched = optimise_targets(model, tok, _adapter(model), REQUESTS, contexts, config)
     assert batched.steps == loop.steps
     # Equal up to float32 summation order (the batch and a lone request are grouped and padded
@@ -361,6 +361,43 @@ def test_batched_targets_equal_per_request_loop(family, chunk_rows, monkeypatch)
     for a, b in ((batched.shift, loop.shift), (batched.z, loop.z)):
         assert ((a - b).norm(dim=-1) / b.norm(dim=-1)).max() < 1e-5
     assert max(abs(a - b) for a, b in zip(batched.nll, loop.nll)) < 1e-4
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_moments_give_the_log_softmax_losses_and_gradients(with_bias):
+    """One blockwise pass over the vocabulary (blocks that do not divide it) gives what autograd
+    through the full log-softmax gives: target NLLs, their gradients, and the KL term's gradient."""
+    from editfleet.workers.editing.head import softmax_moments
+    from editfleet.workers.editing.head import target_nll as head_nll
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, d = 1000, 16
+    weight = torch.randn(vocab, d, generator=gen)
+    bias = torch.randn(vocab, generator=gen) if with_bias else None
+    hidden = torch.randn(5, d, generator=gen, requires_grad=True)
+    unedited = torch.randn(2, d, generator=gen)
+    labels = torch.tensor([3, 999, 500])
+    logp = torch.nn.functional.linear(hidden, weight, bias).log_softmax(-1)
+    nll = -logp[:3].gather(1, labels[:, None]).squeeze(1)
+    p0 = torch.nn.functional.linear(unedited, weight, bias).log_softmax(-1)
+    kl = torch.nn.functional.kl_div(logp[3:], p0, log_target=True, reduction="none").sum(-1)
+    (nll.sum() + 2.0 * kl.sum()).backward()
+
+    moments = softmax_moments(hidden.detach(), weight, bias, block=300)
+    loss, grad = head_nll(hidden.detach()[:3], labels, moments[:3], weight, bias)
+    kl_grad = 2.0 * (moments[3:].mean - softmax_moments(unedited, weight, bias, block=300).mean)
+    torch.testing.assert_close(loss, nll.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([grad, kl_grad]), hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_capped_head_is_refused():
+    """A soft-capped head's gradient is not the softmax mean the head pass computes: refuse it
+    rather than optimise the wrong loss."""
+    model, tok = tiny_model("gemma3", seed=1)
+    model.config.final_logit_softcapping = 30.0
+    config = default_config("x", "alphaedit", 6, **TINY)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        optimise_targets(model, tok, _adapter(model), REQUESTS[:1], ["{}"], config)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -2,13 +2,15 @@
 
 All requests of a batch are optimised together, one Adam step for the whole batch. Everything
 below the last edited layer is constant during the optimisation, so it is computed once
-and only the layers from the last edited one upward run at each step; the LM head is applied
-only at the positions the loss reads. The shift is added at the subject's last token, so the
-positions before it never change either: each step replays every row from its subject's last
-token on, attending to the earlier positions' keys and values recorded once (``SuffixRunner``).
+and only the layers from the last edited one upward run at each step; the LM head's part of the
+loss is computed only at the positions the loss reads, for all of them in one pass over the
+vocabulary that yields its gradient directly (head.py). The shift is added at the subject's last
+token, so the positions before it never change either: each step replays every row from its
+subject's last token on, attending to the earlier positions' keys and values recorded once
+(``SuffixRunner``).
 The rows are replayed in a few groups of similar suffix length, each padded to its own longest
-suffix, cut into chunks of at most ``CHUNK_ROWS`` rows; each chunk's share of the loss is
-back-propagated before the next chunk runs, so memory is bounded by the chunk, not the batch.
+suffix. They are replayed with autograd in waves of at most ``WAVE_ROWS`` rows, each
+back-propagated before the next runs, so memory is bounded by the wave, not the batch.
 Requests are independent (each has its own shift, loss and Adam moments, which are elementwise),
 so the batched result equals the per-request loop up to float32 summation order; a request that
 has converged is frozen while the others go on.
@@ -24,20 +26,22 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from editfleet.workers.editing.batching import GROUP_COST, MAX_GROUPS, Rows, length_groups, prompt_rows, target_ids
 from editfleet.workers.editing.config import EditConfig
+from editfleet.workers.editing.head import head_matrix, softmax_moments, target_nll
 from editfleet.workers.editing.requests import EditRequest
 from editfleet.workers.editing.runner import SuffixRunner, add_at_projection, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import head_logits, model_device
 
 KL_PROMPT = "{} is a"
-# Rows per replayed chunk of a group: each chunk's graph is freed after its backward, so this, not
-# the batch size, bounds the optimisation's memory.
-CHUNK_ROWS = 64
+# Rows replayed with autograd at once (a wave): each wave's graph is freed after its backward, so
+# this, not the batch size, bounds the optimisation's memory. A 100-request batch (400 rows with
+# the default contexts) is two waves: as fast as one on gemma3-270m, with 1 GB less at the peak;
+# 128 rows took 1.45x longer (docs/benchmarks.md, twenty-third session).
+WAVE_ROWS = 256
 
 
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
@@ -85,7 +89,8 @@ def context_rows(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[
 
 class _Groups:
     """The batch's rows in groups of similar suffix length (``length_groups``) cut into chunks of
-    at most ``CHUNK_ROWS`` rows, each with its own recorded pass.
+    at most ``WAVE_ROWS`` rows, each with its own recorded pass, and the chunks in waves of at
+    most ``WAVE_ROWS`` rows.
 
     Maps every row to its group and its index there, and every position the optimisation reads
     to its slot in the group's replayed suffix, so that they can be found in its hidden states.
@@ -95,7 +100,15 @@ class _Groups:
         lengths = rows.attention_mask.sum(1)
         device = rows.input_ids.device
         self.members = [chunk for member in length_groups(lengths - rows.subject_pos, MAX_GROUPS, GROUP_COST)
-                        for chunk in member.tensor_split(-(-len(member) // CHUNK_ROWS))]
+                        for chunk in member.tensor_split(-(-len(member) // WAVE_ROWS))]
+        self.waves: list[list[int]] = []
+        wave_rows = WAVE_ROWS
+        for g, member in enumerate(self.members):
+            if wave_rows + len(member) > WAVE_ROWS:
+                self.waves.append([])
+                wave_rows = 0
+            self.waves[-1].append(g)
+            wave_rows += len(member)
         self.group = torch.empty(rows.size, dtype=torch.long, device=device)
         self.local = torch.empty(rows.size, dtype=torch.long, device=device)
         self.split = torch.zeros(rows.size, dtype=torch.long, device=device)  # per row: slot 0's position
@@ -149,7 +162,9 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     opt = torch.optim.Adam([shift], lr=config.v_lr)
     low = resolve_target_dtype(config, device).target_dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
-    head_weight = model.get_output_embeddings().weight.to(torch.bfloat16) if low else None
+    head_weight, head_bias = head_matrix(model)
+    if low:
+        head_weight = head_weight.to(torch.bfloat16)
     replayed = torch.arange(0, device=device)  # global rows of the group being replayed, in replay order
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
@@ -162,16 +177,18 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         """Per request: the mean over its contexts of each row's mean target-token NLL."""
         return (torch.zeros(n_ctx_rows, device=device).index_add(0, rows.loss_row, token_nll) / tokens_per_row).view(n, n_ctx).mean(1)
 
-    # The loss is a sum over requests, each a weighted sum of its token NLLs and its KL term, so
-    # it is summed and back-propagated chunk by chunk: only one chunk's graph (and LM-head
-    # output, 262k wide on Gemma 3) is alive at a time.
+    # The loss is a sum over requests, each a weighted sum of its token NLLs and its KL term. A
+    # wave of chunks is replayed with autograd, the LM head's part (head.py) is computed for all of
+    # the wave's read positions in one pass over the vocabulary, and the wave is back-propagated
+    # from its read positions with that part's gradient: only one wave's graph is alive at a time.
     token_weight = 1.0 / (tokens_per_row[rows.loss_row] * n_ctx)
     position_owner = rows.owner[rows.loss_row]
     position_group = groups.group[rows.loss_row]
     kl_group = groups.group[kl_rows]
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
-    kl_init: torch.Tensor | None = None
+    # Per request: E_p0[W_v] under the unedited distribution p0 at its KL row (set at step 0).
+    kl_reference = torch.zeros_like(value0)
     token_nll = torch.zeros(len(rows.loss_row), device=device)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
@@ -180,31 +197,42 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         # the step; those that turn out converged are restored below, so they never move.
         last = step == config.v_max_steps - 1
         opt.zero_grad()
-        with torch.set_grad_enabled(not last):
-            for g, member in enumerate(groups.members):
-                live_local = torch.nonzero(active[rows.owner[member]]).flatten()
-                if len(live_local) == 0:
-                    continue
-                replayed = member[live_local]
-                in_live = torch.full((len(member),), -1, dtype=torch.long, device=device)
-                in_live[live_local] = torch.arange(len(live_local), device=device)
-                with autocast, add_at_projection(model, adapter, layer, add_shift):
-                    h = final_norm(groups.runners[g].run(rows=live_local))
+        for wave in groups.waves:
+            reads, positions, kls = [], [], []
+            with torch.set_grad_enabled(not last):
+                for g in wave:
+                    member = groups.members[g]
+                    live_local = torch.nonzero(active[rows.owner[member]]).flatten()
+                    if len(live_local) == 0:
+                        continue
+                    replayed = member[live_local]
+                    in_live = torch.full((len(member),), -1, dtype=torch.long, device=device)
+                    in_live[live_local] = torch.arange(len(live_local), device=device)
+                    with autocast, add_at_projection(model, adapter, layer, add_shift):
+                        h = final_norm(groups.runners[g].run(rows=live_local))
                     pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
                     kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
-                    reads = torch.cat([h[in_live[groups.local[rows.loss_row[pos]]], groups.loss_slot[pos]],
-                                       h[in_live[groups.local[kl_rows[kl]]], groups.last_slot[kl_rows[kl]]]])
-                    logp_all = head_logits(model, reads, head_weight).log_softmax(-1)
-                logp, kl_logp = logp_all[: len(pos)], logp_all[len(pos):]
-                nll_g = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
-                if kl_init is None:
-                    kl_init = torch.empty(n, kl_logp.shape[-1], dtype=kl_logp.dtype, device=device)
-                if step == 0:
-                    kl_init[kl] = kl_logp.detach()
-                kl_g = F.kl_div(kl_logp, kl_init[kl], log_target=True, reduction="none").sum(-1)
-                token_nll[pos] = nll_g.detach().float()
-                if not last:
-                    ((token_weight[pos] * nll_g).sum() + config.kl_factor * kl_g.sum()).backward()
+                    reads += [h[in_live[groups.local[rows.loss_row[pos]]], groups.loss_slot[pos]],
+                              h[in_live[groups.local[kl_rows[kl]]], groups.last_slot[kl_rows[kl]]]]
+                    positions.append(pos)
+                    kls.append(kl)
+            if not reads:
+                continue
+            pos, kl = torch.cat(positions), torch.cat(kls)
+            # Position reads first, then KL reads, each in wave order.
+            read = torch.cat(reads[0::2] + reads[1::2])
+            moments = softmax_moments(read.detach(), head_weight, head_bias)
+            nll, nll_grad = target_nll(read.detach()[: len(pos)], rows.loss_label[pos], moments[: len(pos)],
+                                       head_weight, head_bias)
+            kl_moments = moments[len(pos):]
+            if step == 0:
+                kl_reference[kl] = kl_moments.mean
+            token_nll[pos] = nll
+            if not last:
+                # d KL(p0 || p)/dh = E_p[W_v] - E_p0[W_v] (head.py)
+                grad = torch.cat([token_weight[pos, None] * nll_grad,
+                                  config.kl_factor * (kl_moments.mean - kl_reference[kl])])
+                read.backward(grad.to(read.dtype))
         nll = request_nll(token_nll)
         was_active = active.clone()
         active &= nll >= config.v_loss_threshold
