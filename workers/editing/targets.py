@@ -198,7 +198,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         last = step == config.v_max_steps - 1
         opt.zero_grad()
         for wave in groups.waves:
-            reads, positions, kls = [], [], []
+            position_reads, kl_reads, positions, kls = [], [], [], []
             with torch.set_grad_enabled(not last):
                 for g in wave:
                     member = groups.members[g]
@@ -212,15 +212,14 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                         h = final_norm(groups.runners[g].run(rows=live_local))
                     pos = torch.nonzero((position_group == g) & active[position_owner]).flatten()
                     kl = torch.nonzero((kl_group == g) & active).flatten()  # request r's KL row is kl_rows[r]
-                    reads += [h[in_live[groups.local[rows.loss_row[pos]]], groups.loss_slot[pos]],
-                              h[in_live[groups.local[kl_rows[kl]]], groups.last_slot[kl_rows[kl]]]]
+                    position_reads.append(h[in_live[groups.local[rows.loss_row[pos]]], groups.loss_slot[pos]])
+                    kl_reads.append(h[in_live[groups.local[kl_rows[kl]]], groups.last_slot[kl_rows[kl]]])
                     positions.append(pos)
                     kls.append(kl)
-            if not reads:
+            if not positions:
                 continue
             pos, kl = torch.cat(positions), torch.cat(kls)
-            # Position reads first, then KL reads, each in wave order.
-            read = torch.cat(reads[0::2] + reads[1::2])
+            read = torch.cat(position_reads + kl_reads)
             moments = softmax_moments(read.detach(), head_weight, head_bias)
             nll, nll_grad = target_nll(read.detach()[: len(pos)], rows.loss_label[pos], moments[: len(pos)],
                                        head_weight, head_bias)
