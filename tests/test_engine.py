@@ -187,7 +187,10 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
 
 @pytest.mark.parametrize("field, value", [("post_norm_iterations", 0), ("update_rounds", -1), ("v_lr", 0.0),
                                           ("null_moment_weight", -1.0), ("nullspace_energy", 1.0),
-                                          ("spectral_cap", 0.0), ("protect_weight", -0.1)])
+                                          ("spectral_cap", 0.0), ("protect_weight", -0.1), ("kl_factor", -0.1),
+                                          ("v_weight_decay", -0.5), ("v_loss_threshold", -1e-3), ("n_prefixes", -1),
+                                          ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
+                                          ("mom2_update_weight", -1.0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})

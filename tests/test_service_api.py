@@ -100,6 +100,8 @@ BAD_SUBMISSIONS = [
      grpc.StatusCode.INVALID_ARGUMENT, "options.engine_settings.steps", "not an engine setting"),
     ("badly typed engine setting", dict(options=_settings(v_max_steps=2.5)),
      grpc.StatusCode.INVALID_ARGUMENT, "options.engine_settings.v_max_steps", "must be an integer"),
+    ("out-of-range engine setting", dict(options=_settings(kl_factor=-0.5)),
+     grpc.StatusCode.INVALID_ARGUMENT, "options.engine_settings", "kl_factor must be >= 0"),
     ("negative perplexity limit", dict(options=pb.EditOptions(max_perplexity_increase=-0.1)),
      grpc.StatusCode.INVALID_ARGUMENT, "options.max_perplexity_increase", "must be a positive fraction"),
     ("zero perplexity limit", dict(options=pb.EditOptions(max_perplexity_increase=0.0)),

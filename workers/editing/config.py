@@ -142,15 +142,13 @@ class EditConfig:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
         if self.spectral_cap is not None and self.spectral_cap <= 0:
             raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
-        if self.memory_weight < 0:
-            raise ValueError(f"memory_weight must be >= 0, got {self.memory_weight}")
-        if self.prompt_memory_weight < 0:
-            raise ValueError(f"prompt_memory_weight must be >= 0, got {self.prompt_memory_weight}")
-        if self.protect_weight < 0:
-            raise ValueError(f"protect_weight must be >= 0, got {self.protect_weight}")
-        if self.null_moment_weight < 0:
-            raise ValueError(f"null_moment_weight must be >= 0, got {self.null_moment_weight}")
-        for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "stats_tokens", "stats_max_length", "stats_batch_size"):
+        for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",
+                     "v_weight_decay", "v_loss_threshold", "n_prefixes", "nullspace_threshold", "alpha",
+                     "mom2_update_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "prefix_tokens",
+                     "stats_tokens", "stats_max_length", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
