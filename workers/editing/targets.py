@@ -34,7 +34,7 @@ from editfleet.workers.editing.head import head_matrix, softmax_moments, target_
 from editfleet.workers.editing.requests import EditRequest
 from editfleet.workers.editing.runner import SuffixRunner, add_at_projection, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
-from editfleet.workers.models.forward import head_logits, model_device
+from editfleet.workers.models.forward import model_device
 
 KL_PROMPT = "{} is a"
 # Rows replayed with autograd at once (a wave): each wave's graph is freed after its backward, so
@@ -162,9 +162,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     opt = torch.optim.Adam([shift], lr=config.v_lr)
     low = resolve_target_dtype(config, device).target_dtype == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
-    head_weight, head_bias = head_matrix(model)
-    if low:
-        head_weight = head_weight.to(torch.bfloat16)
+    full_weight, head_bias = head_matrix(model)
+    head_weight = full_weight.to(torch.bfloat16) if low else full_weight
     replayed = torch.arange(0, device=device)  # global rows of the group being replayed, in replay order
 
     def add_shift(out: torch.Tensor) -> torch.Tensor:
@@ -266,8 +265,9 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             if low:  # what the shift achieves in float32
                 h = final_norm(groups.runners[g].run(start=layer + 1, hidden=h))
                 pos = torch.nonzero(position_group == g).flatten()
-                logp = head_logits(model, h[groups.local[rows.loss_row[pos]], groups.loss_slot[pos]]).log_softmax(-1)
-                token_nll[pos] = -logp.gather(1, rows.loss_label[pos, None]).squeeze(1)
+                read = h[groups.local[rows.loss_row[pos]], groups.loss_slot[pos]]
+                token_nll[pos] = target_nll(read, rows.loss_label[pos], softmax_moments(read, full_weight, head_bias),
+                                            full_weight, head_bias)[0]
     if low:
         nll = request_nll(token_nll)
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
