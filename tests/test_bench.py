@@ -70,6 +70,10 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     # The one valid case after the four edited ones is the unedited prompt whose fluency is scored.
     assert report["fluency_unedited_cases"] == 1
     assert report["pre"]["fluency_unedited"] > 0 and report["post"]["fluency_unedited"] > 0
+    # What the model says after each subject's name moved, for the edited subjects and the untouched one.
+    drift = report["post"]["subject_drift"]
+    assert set(drift) == {"edited", "unedited"} and drift["edited"]["kl"] > 0
+    assert all(d["kl"] >= 0 and 0 <= d["top1_kept"] <= 1 for d in drift.values())
     assert set(report["timing"]) >= {"seconds_per_edit", "stats_seconds", "targets_seconds", "update_seconds",
                                      "eval_seconds", "track_seconds", "warmup_targets_seconds"}
     t = report["timing"]

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import PreTrainedTokenizerFast
 
 from editfleet.workers.editing.requests import EditRequest
+from editfleet.workers.evaluation.drift import drift, snapshot, subject_prompts
 from editfleet.workers.evaluation.data import DATA_DIR_ENV, EvalCase, data_dir, load_counterfact, load_zsre
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate, ngram_entropy, word_tokenize
 from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
@@ -69,6 +70,44 @@ def test_batched_scores_equal_unbatched_full_logits(family):
         assert score.n_tokens == len(hits)
         assert score.top1 == all(hits)
         assert score.token_accuracy == pytest.approx(sum(hits) / len(hits))
+
+
+SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "x", "Michel Rocard and the Socialist Party of France"]
+
+
+def _full_kl(before: list[torch.Tensor], model, tok, prompts: list[str]) -> list[float]:
+    out = []
+    for p0, prompt in zip(before, prompts):
+        ids = torch.tensor([encode_prompts(tok, [prompt])[0]])
+        with torch.no_grad():
+            now = model(ids).logits[0, -1].log_softmax(-1)
+        out.append(float((p0.exp() * (p0 - now)).sum()))
+    return out
+
+
+# Perturbations that flip some of the tiny models' nearly flat argmaxes, not all.
+@pytest.mark.parametrize("family, size", [("llama", 0.01), ("gemma3", 0.003)])
+def test_subject_drift_is_zero_unchanged_and_the_kl_of_the_coarsened_distributions_after_a_change(family, size):
+    model, tok = tiny_model(family, seed=2)
+    prompts = subject_prompts(SUBJECTS)
+    before_full = []
+    for prompt in prompts:
+        with torch.no_grad():
+            before_full.append(model(torch.tensor([encode_prompts(tok, [prompt])[0]])).logits[0, -1].log_softmax(-1))
+    whole, coarse = snapshot(model, tok, SUBJECTS), snapshot(model, tok, SUBJECTS, top=5)
+    assert drift(model, tok, whole) == {"kl": pytest.approx(0, abs=1e-6), "top1_kept": 1.0}
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.add_(size * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    full = _full_kl(before_full, model, tok, prompts)
+    # Every token kept (the tiny vocabulary is below TOP): the full KL; batched as one prompt at a time.
+    assert drift(model, tok, whole, batch_size=3)["kl"] == pytest.approx(sum(full) / len(full), rel=1e-3, abs=1e-8)
+    # Five tokens and the rest merged: a lower bound, and above zero.
+    assert 0 < drift(model, tok, coarse)["kl"] < sum(full) / len(full)
+    kept = [int(b.argmax()) == int(model(torch.tensor([encode_prompts(tok, [p])[0]])).logits[0, -1].argmax())
+            for b, p in zip(before_full, prompts)]
+    assert 0 < sum(kept) < len(kept)
+    assert drift(model, tok, coarse)["top1_kept"] == pytest.approx(sum(kept) / len(kept))
 
 
 def test_padding_and_batching_do_not_change_scores():

@@ -125,6 +125,7 @@ def run(args) -> dict[str, Any]:
     from editfleet.workers.editing.requests import read_protected_prompts
     from editfleet.workers.editing.statistics import checked_corpus
     from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
+    from editfleet.workers.evaluation.drift import drift, snapshot
     from editfleet.workers.evaluation.metrics import perplexity
     from editfleet.workers.models.registry import editfleet_home, load_model
 
@@ -151,6 +152,10 @@ def run(args) -> dict[str, Any]:
 
     t = time.perf_counter()
     pre = _evaluate(args, model, tok, cases, unedited)
+    # What the model says right after each subject's name, edited and untouched (evaluation/drift.py).
+    subjects = {"edited": snapshot(model, tok, [c.request.subject for c in cases])}
+    if unedited:
+        subjects["unedited"] = snapshot(model, tok, [c.request.subject for c in unedited])
     eval_seconds = time.perf_counter() - t
     print(f"[bench] pre-edit evaluation {eval_seconds:.1f}s", file=sys.stderr)
 
@@ -201,6 +206,7 @@ def run(args) -> dict[str, Any]:
         editor.save_state(args.save_state)
     t = time.perf_counter()
     post = _evaluate(args, model, tok, cases, unedited)
+    post["subject_drift"] = {name: drift(model, tok, before) for name, before in subjects.items()}
     timing["eval_seconds"] = eval_seconds + time.perf_counter() - t
     timing["seconds_per_edit"] = edit_seconds / len(cases)
     timing["seconds_per_edit_without_stats"] = (timing["targets_seconds"] + timing["update_seconds"]) / len(cases)
@@ -247,6 +253,8 @@ def table(report: dict[str, Any]) -> str:
     lines.append("post-edit by batch (efficacy / generalization / specificity): " + "; ".join(
         f"{b + 1}: {g['efficacy']:.3f} / {g['generalization']:.3f} / {g['specificity']:.3f}"
         for b, g in enumerate(report["post"]["by_batch"])))
+    lines.append("subject drift, KL(before || after) in nats / most likely next token kept: " + "; ".join(
+        f"{name} subjects {d['kl']:.3f} / {d['top1_kept']:.2f}" for name, d in report["post"]["subject_drift"].items()))
     t = report["timing"]
     lines.append("timing: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
     lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB; targets: mean p {report['targets']['mean_prob']:.3f}, "
