@@ -24,7 +24,10 @@ class EditConfig:
             Larger shifts reach more paraphrases and more neighbours (one gemma3 batch at 1.5:
             generalization 0.82 instead of 0.71, specificity 0.70 instead of 0.79); over 500
             edits the later batches erode most of the gain (docs/benchmarks.md, thirteenth session).
-        kl_factor: weight of KL(original || edited) on "{subject} is a" (essence drift).
+        kl_factor: weight of KL(original || edited) on "{subject} is a" (essence drift). At 0 a
+            gemma3 stream gains a little efficacy and generalization, and what the model says
+            after an edited subject's name on other prompts moves about half as much again
+            (docs/benchmarks.md, twenty-fifth session), so the paper's 0.0625 stays.
         v_weight_decay: weight of ||delta|| / ||value||^2.
         n_prefixes: generated context prefixes (plus the bare prompt) per request.
         prefix_tokens: length of each generated prefix, in tokens.
