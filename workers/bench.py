@@ -153,9 +153,12 @@ def run(args) -> dict[str, Any]:
     t = time.perf_counter()
     pre = _evaluate(args, model, tok, cases, unedited)
     # What the model says right after each subject's name, edited and untouched (evaluation/drift.py).
-    subjects = {"edited": snapshot(model, tok, [c.request.subject for c in cases])}
-    if unedited:
-        subjects["unedited"] = snapshot(model, tok, [c.request.subject for c in unedited])
+    edited = [c.request.subject for c in cases]
+    named = set(edited)
+    untouched = [c.request.subject for c in unedited if c.request.subject not in named]
+    subjects = {"edited": snapshot(model, tok, edited)}
+    if untouched:
+        subjects["unedited"] = snapshot(model, tok, untouched)
     eval_seconds = time.perf_counter() - t
     print(f"[bench] pre-edit evaluation {eval_seconds:.1f}s", file=sys.stderr)
 

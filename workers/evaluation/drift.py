@@ -7,7 +7,7 @@ edit touched is measured here: the next-token distribution after a few generic p
 loss reads, before and after, compared by KL(before || after) in nats and by whether the most
 likely token stayed the same. Only the ``TOP`` tokens most likely before are kept, each as its
 own outcome, and the rest of the vocabulary as one: the KL of those coarsened distributions,
-a lower bound of the full one (merging outcomes never raises a KL), at 24 kB per prompt instead
+a lower bound of the full one (merging outcomes never raises a KL), at 48 kB per prompt instead
 of 1 MB on Gemma 3's 262k vocabulary, so every edited subject of a long stream can be kept.
 """
 
