@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from editfleet.workers.evaluation.scoring import pad_id, prompt_prefix, run_prompts
+from editfleet.workers.evaluation.scoring import encode_prompts, pad_id, run_prompts
 from editfleet.workers.models.forward import head_logits
 
 # Generic continuations of a bare subject; "{} is a" is left out because the target loss holds it.
@@ -45,10 +45,9 @@ def subject_prompts(subjects: Sequence[str], templates: Sequence[str] = DRIFT_PR
 def next_token_logprobs(model: nn.Module, tok, prompts: Sequence[str], batch_size: int = 32) -> Iterator[torch.Tensor]:
     """Log-softmax of the next token after each prompt, float32 on the CPU, ``batch_size`` prompts
     at a time (a whole vocabulary per prompt: never all at once)."""
-    prefix, pad = prompt_prefix(tok), pad_id(tok)
+    pad = pad_id(tok)
     for at in range(0, len(prompts), batch_size):
-        ids = [prefix + tok(p, add_special_tokens=False)["input_ids"] for p in prompts[at:at + batch_size]]
-        last = run_prompts(model, ids, pad)[0]
+        last = run_prompts(model, encode_prompts(tok, prompts[at:at + batch_size]), pad)[0]
         yield head_logits(model, last).log_softmax(-1).cpu()
 
 
