@@ -38,7 +38,7 @@ from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, prompts_digest, read_protected_prompts
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
-from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, run_prompts, score_targets
+from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, pad_id, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
@@ -311,7 +311,7 @@ class EditWorker:
     def query(self, ckpt_id: str, prompts: Sequence[str], targets: Sequence[str] = (), top_k: int = 5) -> list[dict[str, Any]]:
         """Top-k next tokens after each prompt, and each target's probability as its continuation."""
         self._materialise(ckpt_id)
-        last, *_ = run_prompts(self.model, encode_prompts(self.tokenizer, prompts), _pad_id(self.tokenizer))
+        last, *_ = run_prompts(self.model, encode_prompts(self.tokenizer, prompts), pad_id(self.tokenizer))
         probs = torch.softmax(head_logits(self.model, last), dim=-1)
         top = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
         scored: list[list[TargetScore]] = (score_targets(self.model, self.tokenizer, prompts, [list(targets)] * len(prompts))
@@ -366,10 +366,6 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 def _layer_file(layer: int) -> str:
     return f"layer{layer:03d}.safetensors"
-
-
-def _pad_id(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def _over_limit(scores: Mapping[str, float], limit: float | None) -> dict[str, Any] | None:
