@@ -23,7 +23,7 @@ REQUESTS = [
 # float32 targets: the equality tests compare runs whose bfloat16 roundings could differ.
 TINY = dict(v_max_steps=30, v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3, n_prefixes=2,
             prefix_tokens=5, stats_tokens=256, stats_max_length=64, nullspace_energy=1e-6, alpha=1.0,
-            target_dtype="float32")
+            target_dtype="float32", protect_starts=0)
 
 
 def edit_model(family: str = "llama"):

@@ -16,7 +16,7 @@ from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
 from editfleet.workers.editing import runner as runner_module
 from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, SuffixRunner, add_at_projection, capture_projection
-from editfleet.workers.editing.statistics import params_digest, token_sequences
+from editfleet.workers.editing.statistics import CorpusText, paragraph_starts, params_digest, token_sequences
 from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
@@ -190,7 +190,8 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("spectral_cap", 0.0), ("protect_weight", -0.1), ("kl_factor", -0.1),
                                           ("v_weight_decay", -0.5), ("v_loss_threshold", -1e-3), ("n_prefixes", -1),
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
-                                          ("mom2_update_weight", -1.0)])
+                                          ("mom2_update_weight", -1.0), ("protect_starts", -1),
+                                          ("protect_start_words", 0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -297,6 +298,45 @@ def test_protected_prompts_keep_their_outputs_and_the_edits_still_land(tmp_path,
     again = resumed.apply(REQUESTS[2:])
     for i in editor.config.layers:
         torch.testing.assert_close(again.deltas[i][1], second.deltas[i][1], rtol=1e-5, atol=1e-6)
+
+
+def test_paragraph_starts_read_each_paragraph_from_its_beginning(tmp_path):
+    text = tmp_path / "wiki.txt"
+    text.write_text(" = Title = \n\n One two three four five six\n Too short\n"
+                    " = = Section = = \n Seven eight nine ten eleven twelve thirteen\n"
+                    " Alpha beta gamma delta epsilon zeta\n")
+    assert paragraph_starts([text], 10, 5) == ["One two three four five", "Seven eight nine ten eleven",
+                                                "Alpha beta gamma delta epsilon"]
+    assert paragraph_starts([text], 2, 6) == ["One two three four five six", "Seven eight nine ten eleven twelve"]
+    assert paragraph_starts([text], 0, 5) == []
+    # From a character offset on, the next whole line first (as the statistics read it).
+    assert paragraph_starts([CorpusText(text, 20)], 10, 5) == ["Seven eight nine ten eleven",
+                                                               "Alpha beta gamma delta epsilon"]
+
+
+def test_protect_starts_join_the_update_like_protected_prompts(tmp_path, corpus):
+    """``protect_starts`` paragraph starts of the statistics corpus weigh in each update exactly as
+    the same lines given as protected prompts, and they hold what such starts compute."""
+    starts = paragraph_starts([corpus], 40, 6)
+    assert len(starts) == 40 and all(len(s.split()) == 6 for s in starts)
+    as_file = tmp_path / "starts.txt"
+    as_file.write_text("\n".join(starts) + "\n")
+    shaped = [EditRequest("{} is", s, " music", record_id=s) for s in (" ".join(line.split()[:3]) for line in starts[:4])]
+    deltas, moved = {}, {}
+    for name, kwargs in (("none", {}), ("starts", dict(protect_starts=40, protect_start_words=6)),
+                         ("file", dict(protect=[as_file]))):
+        editor = make_editor(tmp_path, corpus, protect_weight=10.0, **kwargs)
+        editor.contexts = ["{}", "Once upon a time. {}"]
+        before = prompt_outputs(editor, shaped)
+        deltas[name] = editor.apply(REQUESTS[:2]).deltas
+        after = prompt_outputs(editor, shaped)
+        moved[name] = max(float((after[i] - before[i]).norm() / before[i].norm()) for i in before)
+    for i in deltas["file"]:
+        torch.testing.assert_close(deltas["starts"][i][0] @ deltas["starts"][i][1].T,
+                                   deltas["file"][i][0] @ deltas["file"][i][1].T, rtol=1e-5, atol=1e-6)
+    assert moved["starts"] < 0.5 * moved["none"], moved
+    # On by default for AlphaEdit; MEMIT stays the published method.
+    assert default_config("llama").protect_starts == 400 and default_config("llama", "memit").protect_starts == 0
 
 
 def test_protected_prompts_must_be_there_and_not_blank(tmp_path, corpus):

@@ -28,7 +28,8 @@ from editfleet.workers.editing.requests import (EditRequest, EditValidationError
                                                 parse_requests, prompts_digest, read_protected_prompts)
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
-                                                  compute_second_moments, file_digest, params_digest)
+                                                  compute_second_moments, file_digest, paragraph_starts,
+                                                  params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
@@ -206,22 +207,28 @@ class Editor:
         return prompts_digest(self.protect) if self.protect else None
 
     def protected_moments(self) -> dict[int, torch.Tensor] | None:
-        """Per edited layer, ``protect_weight`` times K K^T of the keys at every token of the
-        protected prompts (BOS left out), on the base weights; None without protected prompts.
+        """Per edited layer, ``protect_weight`` times K K^T of the keys at every token (BOS left
+        out), on the base weights, of the protected prompts and of ``protect_starts`` paragraph
+        starts of the statistics corpus; None when there are neither.
 
         The statistics' moment is a mean over its corpus, so a shape of text the corpus hardly
-        holds (a question, the line after it) is hardly protected, and an edit may change how
-        every such prompt continues (docs/engine.md, Known limits). Computed once per editor:
-        one forward pass per ``PROMPT_MEMORY_ROWS`` prompts."""
-        if self.protect is None:
-            return None
+        holds (a question, the line after it, the start of a text) is hardly protected, and an
+        edit may change how every such prompt continues (docs/engine.md, Known limits). Computed
+        once per editor: one forward pass per ``PROMPT_MEMORY_ROWS`` prompts."""
+        cfg = self.config
         if self._protected is None:
-            enc = self.tokenizer(self.protect, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.config.stats_max_length).to(self.device)
+            prompts = list(self.protect or [])
+            if cfg.protect_starts:
+                prompts += paragraph_starts(self._corpus(), cfg.protect_starts, cfg.protect_start_words)
+            if not prompts:
+                self._protected = {}
+                return None
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=cfg.stats_max_length).to(self.device)
             with self._base_weights():
                 sums = self._token_moments(enc["input_ids"], enc["attention_mask"])
-            self._protected = {i: self.config.protect_weight * m for i, m in sums.items()}
-        return self._protected
+            self._protected = {i: cfg.protect_weight * m for i, m in sums.items()}
+        return self._protected or None
 
     def context_templates(self) -> list[str]:
         """The context prefixes, generated once from the base weights (so any replica rebuilding

@@ -148,6 +148,34 @@ def token_sequences(tokenizer, corpus: Sequence[str | os.PathLike[str] | CorpusT
     yield from flush()
 
 
+def paragraph_starts(corpus: Sequence[str | os.PathLike[str] | CorpusText], count: int, words: int) -> list[str]:
+    """The first ``words`` words of each paragraph (non-blank line) of the corpus that has that
+    many, in order, ``count`` at most. WikiText's headings (lines between ``=`` marks) are skipped.
+
+    The statistics read the corpus packed into long sequences, so keys near the start of a text,
+    where a short prompt's subject sits, hardly weigh in their moment; these starts, read each
+    from its own beginning, stand in for such prompts (``EditConfig.protect_starts``).
+    """
+    starts: list[str] = []
+    if count <= 0:
+        return starts
+    for text in as_corpus(corpus):
+        with open(text.path, encoding="utf-8") as f:
+            if text.start:
+                f.read(text.start)
+                f.readline()
+            for line in f:
+                line = line.strip()
+                if line.startswith("=") and line.endswith("="):
+                    continue
+                split = line.split()
+                if len(split) >= words:
+                    starts.append(" ".join(split[:words]))
+                    if len(starts) == count:
+                        return starts
+    return starts
+
+
 @dataclass
 class LayerStats:
     moment: torch.Tensor  # (d_ff, d_ff) float32, mean of k k^T
