@@ -4,7 +4,8 @@
 
 AlphaEdit: P is the null-space projector, lambda = ``null_moment_weight`` (0 in the paper),
 mu = ``memory_weight`` (1 in the paper), alpha > 0. MEMIT: P = I, lambda > 0, alpha = 0, no
-sequential memory. Protected prompts' keys (``protected``, optional) join the sum like K_p.
+sequential memory. The keys of protected prompts and of the statistics corpus's paragraph
+starts (``protected``, optional) join the sum like K_p.
 The update is returned as thin factors (U = R, V): its rank is at most the batch size, so
 checkpoints store two small matrices instead of a dense delta.
 """
@@ -26,7 +27,7 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, *, projector: torch.Te
         memory: K_p K_p^T of earlier batches or None; weighted by ``memory_weight``.
         moment: the preserved second moment C or None; weighted by ``moment_weight``.
         alpha: ridge term.
-        protected: K K^T of protected prompts' keys, already weighted, or None.
+        protected: K K^T of protected prompts' and paragraph starts' keys, already weighted, or None.
         dtype: solve precision (float32 or float64); factors are returned in float32.
     """
     k = keys.to(dtype)
