@@ -115,6 +115,17 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
     return h.hexdigest()
 
 
+def corpus_lines(corpus: Sequence[str | os.PathLike[str] | CorpusText]) -> Iterator[str]:
+    """The lines of the corpus files in order, each file from its ``start`` on (from the next
+    whole line)."""
+    for text in as_corpus(corpus):
+        with open(text.path, encoding="utf-8") as f:
+            if text.start:
+                f.read(text.start)
+                f.readline()
+            yield from f
+
+
 def token_sequences(tokenizer, corpus: Sequence[str | os.PathLike[str] | CorpusText], length: int,
                     total_tokens: int) -> Iterator[list[int]]:
     """Packed token sequences of ``length`` from the corpus files, ``total_tokens`` at most."""
@@ -133,18 +144,13 @@ def token_sequences(tokenizer, corpus: Sequence[str | os.PathLike[str] | CorpusT
             del buffer[:length]
             emitted += length
 
-    for text in as_corpus(corpus):
-        with open(text.path, encoding="utf-8") as f:
-            if text.start:
-                f.read(text.start)
-                f.readline()  # from the next whole line on
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                if len(lines) >= 64:
-                    yield from flush()
-                if emitted >= total_tokens:
-                    return
+    for line in corpus_lines(corpus):
+        if line.strip():
+            lines.append(line)
+        if len(lines) >= 64:
+            yield from flush()
+        if emitted >= total_tokens:
+            return
     yield from flush()
 
 
@@ -159,20 +165,15 @@ def paragraph_starts(corpus: Sequence[str | os.PathLike[str] | CorpusText], coun
     starts: list[str] = []
     if count <= 0:
         return starts
-    for text in as_corpus(corpus):
-        with open(text.path, encoding="utf-8") as f:
-            if text.start:
-                f.read(text.start)
-                f.readline()
-            for line in f:
-                line = line.strip()
-                if line.startswith("=") and line.endswith("="):
-                    continue
-                split = line.split()
-                if len(split) >= words:
-                    starts.append(" ".join(split[:words]))
-                    if len(starts) == count:
-                        return starts
+    for line in corpus_lines(corpus):
+        line = line.strip()
+        if line.startswith("=") and line.endswith("="):
+            continue
+        split = line.split()
+        if len(split) >= words:
+            starts.append(" ".join(split[:words]))
+            if len(starts) == count:
+                break
     return starts
 
 
