@@ -325,7 +325,8 @@ def test_protect_starts_join_the_update_like_protected_prompts(tmp_path, corpus)
     deltas, moved = {}, {}
     for name, kwargs in (("none", {}), ("starts", dict(protect_starts=40, protect_start_words=6)),
                          ("file", dict(protect=[as_file]))):
-        editor = make_editor(tmp_path, corpus, protect_weight=10.0, **kwargs)
+        # A cache each: the starts and the file are the same prompts, so one cache would serve both.
+        editor = make_editor(tmp_path / name, corpus, protect_weight=10.0, **kwargs)
         editor.contexts = ["{}", "Once upon a time. {}"]
         before = prompt_outputs(editor, shaped)
         deltas[name] = editor.apply(REQUESTS[:2]).deltas
@@ -342,6 +343,20 @@ def test_protect_starts_join_the_update_like_protected_prompts(tmp_path, corpus)
     assert default_config("llama").protect_starts == 0
     saved = {k: v for k, v in default_config("gemma3").to_dict().items() if k not in ("protect_starts", "protect_start_words")}
     assert EditConfig.from_dict(saved).protect_starts == 0
+
+
+def test_protected_moments_are_cached_on_disk_by_prompts(tmp_path, corpus, monkeypatch):
+    """A second editor on the same base weights reads the protected keys' moments from the cache
+    (no forward pass); other prompts make their own entry."""
+    first = make_editor(tmp_path, corpus, protect_starts=20, protect_start_words=6)
+    moments = first.protected_moments()
+    monkeypatch.setattr(Editor, "_token_moments", lambda *a: pytest.fail("recomputed a cached moment"))
+    again = make_editor(tmp_path, corpus, protect_starts=20, protect_start_words=6).protected_moments()
+    assert again.keys() == moments.keys()
+    for i, m in moments.items():
+        assert torch.equal(again[i], m)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        make_editor(tmp_path, corpus, protect_starts=20, protect_start_words=5).protected_moments()
 
 
 def test_protected_prompts_must_be_there_and_not_blank(tmp_path, corpus):

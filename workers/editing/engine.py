@@ -166,11 +166,15 @@ class Editor:
             self.corpus = default_corpus()
         return self.corpus
 
+    def _weights_digest(self) -> str:
+        """Digest of the base weights the keys of the edited layers depend on (part of cache keys)."""
+        return params_digest(self.model, self.adapter, max(self.config.layers), self._base)
+
     def statistics(self, progress: Progress | None = None) -> dict[int, LayerStats]:
         """Second moments of the preserved keys per edited layer, on the base weights (cached)."""
         if self._stats is None:
             cfg, corpus = self.config, self._corpus()
-            weights = params_digest(self.model, self.adapter, max(cfg.layers), self._base)
+            weights = self._weights_digest()
             corpus_digest = file_digest(corpus)
             self._stat_keys = {i: StatsCache.key(kind="moment", weights=weights, layer=i, corpus=corpus_digest,
                                                  tokens=cfg.stats_tokens, length=cfg.stats_max_length)
@@ -214,7 +218,8 @@ class Editor:
         The statistics' moment is a mean over its corpus, so a shape of text the corpus hardly
         holds (a question, the line after it, the start of a text) is hardly protected, and an
         edit may change how every such prompt continues (docs/engine.md, Known limits). Computed
-        once per editor: one forward pass per ``PROMPT_MEMORY_ROWS`` prompts."""
+        once (one forward pass per ``PROMPT_MEMORY_ROWS`` prompts) and cached on disk beside the
+        statistics, keyed by the base weights, the layer and the prompts."""
         cfg = self.config
         if self._protected is None:
             prompts = list(self.protect or [])
@@ -223,11 +228,19 @@ class Editor:
             if not prompts:
                 self._protected = {}
                 return None
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=cfg.stats_max_length).to(self.device)
-            with self._base_weights():
-                sums = self._token_moments(enc["input_ids"], enc["attention_mask"])
-            self._protected = {i: cfg.protect_weight * m for i, m in sums.items()}
+            weights, digest = self._weights_digest(), prompts_digest(prompts)
+            keys = {i: StatsCache.key(kind="protected", weights=weights, layer=i, prompts=digest,
+                                      length=cfg.stats_max_length) for i in cfg.layers}
+
+            def compute(layers: list[int]) -> dict[int, LayerStats]:
+                enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                                     max_length=cfg.stats_max_length).to(self.device)
+                with self._base_weights():
+                    sums = self._token_moments(enc["input_ids"], enc["attention_mask"])
+                return {i: LayerStats(sums[i].cpu(), len(prompts)) for i in layers}
+
+            self._protected = {i: cfg.protect_weight * s.moment.to(self.device)
+                               for i, s in self.cache.moments(keys, compute).items()}
         return self._protected or None
 
     def context_templates(self) -> list[str]:
