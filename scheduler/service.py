@@ -101,10 +101,16 @@ class EditService:
                 if event.terminal:
                     return
             if not events:
+                if self.stopping():  # the queue closes once the server has stopped
+                    break
                 job = self.jobs.get(job.id)
                 if job.terminal:  # ended without a live event (e.g. failed at recovery)
                     yield convert.event_message(convert.job_event(job, None))
                     return
+        if self.stopping():
+            # Not OK: a stream that ends without a terminal event would read as a finished job.
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the scheduler is stopping; {request.name} keeps its "
+                           "state in the queue and resumes when it starts again: watch it again then")
 
     # -- models and checkpoints ---------------------------------------------------------------
 

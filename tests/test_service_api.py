@@ -7,6 +7,7 @@ accepted job stays QUEUED and the checks are about what the API accepts and refu
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 
 import grpc
@@ -233,3 +234,30 @@ def test_scheduler_does_not_import_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+def test_a_watch_open_when_the_scheduler_stops_ends_unavailable_not_ok(tmp_path):
+    """A stream that ended OK without a terminal event would read as a finished job: on stop the
+    watch fails UNAVAILABLE, and the job is still queued for the next start."""
+    config = SchedulerConfig(store_dir=tmp_path / "store", models={"tiny": str(tmp_path / "absent")},
+                             listen="127.0.0.1:0", dispatch=False, log_level="warning")
+    scheduler = Scheduler(config)
+    scheduler.start()
+    with EditClient(scheduler.address) as c:
+        job = c.submit("tiny", [EIFFEL])
+        events = c.watch(job, timeout=60)
+        assert next(events).state == pb.Job.QUEUED
+        stopper = threading.Thread(target=scheduler.stop, kwargs={"grace": 10.0})
+        stopper.start()
+        with pytest.raises(EditFleetError) as caught:
+            next(events)
+        stopper.join()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in caught.value.message
+    assert job.name.removeprefix("jobs/") in caught.value.message
+    again = Scheduler(config)
+    again.start()
+    try:
+        with EditClient(again.address) as c:
+            assert c.job(job).state == pb.Job.QUEUED
+    finally:
+        again.stop()

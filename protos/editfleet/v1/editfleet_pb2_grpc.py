@@ -135,6 +135,7 @@ class EditServiceServicer:
 
     def WatchJob(self, request, context):
         """Streams the job's progress: its current state first, then every change until it ends.
+        UNAVAILABLE when the scheduler stops first: the job keeps its place; watch it again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
