@@ -7,8 +7,8 @@ accepted job stays QUEUED and the checks are about what the API accepts and refu
 from __future__ import annotations
 
 import subprocess
-import threading
 import sys
+import threading
 
 import grpc
 import pytest
