@@ -134,7 +134,6 @@ class EditConfig:
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
     rejoin_limit: int | None = None
-    rejoin_after: bool = False
     memory_weight: float = 1.0
     prompt_memory_weight: float = 0.0
     protect_weight: float = 0.1
@@ -161,8 +160,6 @@ class EditConfig:
         if self.rejoin_limit is not None and (self.earlier_edits != "targets" or self.rejoin_limit < 0):
             raise ValueError(f"rejoin_limit must be None or >= 0 with earlier_edits='targets', got {self.rejoin_limit} "
                              f"with earlier_edits={self.earlier_edits!r}")
-        if self.rejoin_after and self.rejoin_limit is None:
-            raise ValueError("rejoin_after needs a rejoin_limit")
         if self.target_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:

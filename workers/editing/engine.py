@@ -276,13 +276,11 @@ class Editor:
             # One recording pass per length group serves the per-layer updates and the final keys:
             # the layers below the first edited one never change, so their output is replayed from
             # a cache.
-            earlier, earlier_z, memory = self._rejoiners() if not cfg.rejoin_after else ([], targets.z[:0], self.memory)
+            earlier, earlier_z, memory = self._rejoiners()
             rows = context_rows(tok, earlier + requests, self.contexts).to(self.device)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([earlier_z, targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, memory, progress)
-            if cfg.rejoin_after:
-                deltas = self._repair(deltas, rows, replay, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
                 deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
@@ -402,24 +400,7 @@ class Editor:
     def _rejoining(self) -> list[StoredBatch]:
         return [b for b in self.history if self._rejoins(b)]
 
-    def _repair(self, deltas: LowRank, rows: Rows, replay: SubjectReplay, projectors: dict | None, stats: dict | None,
-                protected: dict | None, progress: Progress | None) -> LowRank:
-        """``rejoin_after``: once the batch is applied, the ``rejoin_limit`` earlier requests that
-        lie furthest from their targets are solved back to them, the batch's fresh keys in K_p
-        beside every other; the repair's factors are appended to the batch's."""
-        replay.changed(self.config.layers[0])
-        replay.refresh()
-        fresh = {i: self._batch_keys(replay.keys[i], rows) for i in self.config.layers}
-        earlier, earlier_z, memory = self._rejoiners(fresh)
-        if not earlier:
-            return deltas
-        rows = context_rows(self.tokenizer, earlier, self.contexts).to(self.device)
-        repair, _ = self._update(rows, SubjectReplay(self.model, self.adapter, rows, self.config.layers), earlier_z,
-                                 projectors, stats, protected, memory, progress)
-        return {i: (torch.cat([u, repair[i][0]], 1), torch.cat([v, repair[i][1]], 1)) for i, (u, v) in deltas.items()}
-
-    def _rejoiners(self, fresh: dict[int, torch.Tensor] | None = None
-                   ) -> tuple[list[EditRequest], torch.Tensor, dict[int, torch.Tensor]]:
+    def _rejoiners(self) -> tuple[list[EditRequest], torch.Tensor, dict[int, torch.Tensor]]:
         """The earlier requests that rejoin the next update by target, their target values, and
         the K_p it solves with: with ``rejoin_limit``, every batch's keys are in K_p, and the
         ``rejoin_limit`` requests whose value (bare prompt, last edited layer, current weights)
@@ -443,8 +424,6 @@ class Editor:
         for i in cfg.layers:
             k = torch.cat([b.keys[i] for b in batches], 1)[:, cols]
             memory[i] = self.memory[i] - k @ k.T
-            if fresh is not None:
-                memory[i] += fresh[i] @ fresh[i].T
         return [requests[j] for j in chosen.tolist()], z[chosen], memory
 
     @property
