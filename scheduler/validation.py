@@ -96,7 +96,7 @@ def coerce_settings(settings: dict[str, Any], field: str) -> tuple[dict[str, Any
             continue
         default = spec.default
         try:
-            out[key] = _coerce(value, default, str(spec.type))
+            out[key] = _coerce(value, default)
         except (TypeError, ValueError) as e:
             violations.append((path, str(e)))
     if not violations:
@@ -107,7 +107,7 @@ def coerce_settings(settings: dict[str, Any], field: str) -> tuple[dict[str, Any
     return out, violations
 
 
-def _coerce(value: Any, default: Any, annotation: str) -> Any:
+def _coerce(value: Any, default: Any) -> Any:
     def integer(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
             raise ValueError(f"must be an integer, got {v!r}")
@@ -121,8 +121,6 @@ def _coerce(value: Any, default: Any, annotation: str) -> Any:
         return integer(value)
     if default is None and value is None:  # an optional setting turned off (Struct null)
         return None
-    if default is None and annotation.startswith("int"):
-        return integer(value)
     if isinstance(default, float) or default is None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"must be a number, got {value!r}")

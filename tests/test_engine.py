@@ -191,7 +191,7 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("v_weight_decay", -0.5), ("v_loss_threshold", -1e-3), ("n_prefixes", -1),
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
-                                          ("protect_start_words", 0), ("rejoin_limit", -1), ("rejoin_limit", 5)])
+                                          ("protect_start_words", 0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -527,13 +527,11 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 """
 
 
-@pytest.mark.parametrize("earlier_edits, spectral_cap, prompt_memory_weight, rejoin_limit",
-                         [("keys", None, 0.0, None), ("targets", None, 0.0, None), ("targets", None, 0.0, 1),
-                          ("keys", 0.05, 0.0, None), ("keys", None, 0.5, None)])
-def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap, prompt_memory_weight,
-                                              rejoin_limit):
+@pytest.mark.parametrize("earlier_edits, spectral_cap, prompt_memory_weight",
+                         [("keys", None, 0.0), ("targets", None, 0.0), ("keys", 0.05, 0.0), ("keys", None, 0.5)])
+def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap, prompt_memory_weight):
     editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits, spectral_cap=spectral_cap,
-                         prompt_memory_weight=prompt_memory_weight, rejoin_limit=rejoin_limit)
+                         prompt_memory_weight=prompt_memory_weight)
     editor.apply(REQUESTS[0:1])
     editor.apply(REQUESTS[1:2])
     editor.save_state(tmp_path / "state")
@@ -568,35 +566,6 @@ def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_p
         memory = sum(float(m.abs().sum()) for m in editor.memory.values())
         assert (memory == 0) == (mode == "targets")  # rejoining batches stay out of K_p
     assert float(drift["targets"].max()) < 0.1 * float(drift["keys"].min()), drift
-
-
-def test_a_rejoin_limit_spans_keys_to_targets_and_pulls_back_the_most_drifted(tmp_path, corpus):
-    """``rejoin_limit`` 0 computes what ``earlier_edits="keys"`` does; a limit above the number of
-    earlier requests what unlimited targets do (K_p less every key it holds); a limit of 1 pulls
-    back the earlier request that drifted furthest and leaves the others in K_p."""
-    runs = {"keys": dict(earlier_edits="keys"), "targets": dict(earlier_edits="targets"),
-            "limit 0": dict(earlier_edits="targets", rejoin_limit=0),
-            "limit 9": dict(earlier_edits="targets", rejoin_limit=9),
-            "limit 1": dict(earlier_edits="targets", rejoin_limit=1)}
-    weights, before, after = {}, {}, {}
-    for name, options in runs.items():
-        editor = make_editor(tmp_path, corpus, **options)
-        z = torch.cat([editor.apply(REQUESTS[0:2]).z, editor.apply(REQUESTS[2:3]).z])
-        relative = lambda: ((value_at_subject(editor, REQUESTS[0:3]) - z).norm(dim=-1) / z.norm(dim=-1))  # noqa: E731
-        before[name] = relative()
-        editor.apply(REQUESTS[3:4])
-        after[name] = relative()
-        weights[name] = projection_weights(editor)
-    for i, w in weights["keys"].items():
-        assert torch.equal(weights["limit 0"][i], w), i
-        torch.testing.assert_close(weights["limit 9"][i], weights["targets"][i], rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(weights["limit 1"][i], w, rtol=1e-4, atol=1e-5), i
-    # Before the last batch, the second one had rejoined one of the first two requests; the
-    # last one rejoins whichever has drifted furthest since, and only that one.
-    furthest = int(before["limit 1"].argmax())
-    assert float(before["limit 1"][furthest]) > 0.02, before
-    assert float(after["limit 1"][furthest]) < 0.2 * float(before["limit 1"][furthest]), (before, after, furthest)
-    assert float(after["limit 1"][furthest]) < 0.2 * float(after["keys"][furthest]), (after, furthest)
 
 
 def test_replay_and_restore_base(tmp_path, corpus):

@@ -70,11 +70,6 @@ class EditConfig:
             request rejoins the update with its stored target value and its keys recomputed on
             the current model, so an edit whose subject keys drifted under later batches is
             pulled back to its target (the update's cost then grows with every edit so far).
-        rejoin_limit: with ``earlier_edits="targets"``, at most this many earlier requests rejoin
-            an update: those whose value at the last edited layer (bare prompt) lies furthest from
-            their target, relative to its norm; every other earlier request keeps its stored keys
-            in K_p, as with ``keys`` (so the update's cost stops growing with the stream). None:
-            every earlier request rejoins, none is in K_p.
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
         prompt_memory_weight: weight, per token, of the keys at every token of earlier edits'
@@ -133,7 +128,6 @@ class EditConfig:
     spectral_cap: float | None = None
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
-    rejoin_limit: int | None = None
     memory_weight: float = 1.0
     prompt_memory_weight: float = 0.0
     protect_weight: float = 0.1
@@ -157,9 +151,6 @@ class EditConfig:
             raise ValueError(f"key_contexts must be mean or each, got {self.key_contexts!r}")
         if self.earlier_edits not in ("keys", "targets"):
             raise ValueError(f"earlier_edits must be keys or targets, got {self.earlier_edits!r}")
-        if self.rejoin_limit is not None and (self.earlier_edits != "targets" or self.rejoin_limit < 0):
-            raise ValueError(f"rejoin_limit must be None or >= 0 with earlier_edits='targets', got {self.rejoin_limit} "
-                             f"with earlier_edits={self.earlier_edits!r}")
         if self.target_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:

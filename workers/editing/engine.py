@@ -276,11 +276,12 @@ class Editor:
             # One recording pass per length group serves the per-layer updates and the final keys:
             # the layers below the first edited one never change, so their output is replayed from
             # a cache.
-            earlier, earlier_z, memory = self._rejoiners()
+            rejoin = self._rejoining()
+            earlier = [r for b in rejoin for r in b.requests]
             rows = context_rows(tok, earlier + requests, self.contexts).to(self.device)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
-            z = torch.cat([earlier_z, targets.z])
-            deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, memory, progress)
+            z = torch.cat([b.z for b in rejoin] + [targets.z])
+            deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
                 deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
@@ -311,8 +312,7 @@ class Editor:
                            z=targets.z, timings=timings)
 
     def _update(self, rows: Rows, replay: SubjectReplay, z: torch.Tensor, projectors: dict | None,
-                stats: dict | None, protected: dict | None, memory: dict[int, torch.Tensor],
-                progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
+                stats: dict | None, protected: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
         the remaining layers, mapped to this projection's output and solved for; repeated for
         ``update_rounds`` passes over the layers (each pass solves for what the previous ones left).
@@ -342,7 +342,7 @@ class Editor:
                     r = adapter.invert_post_norm(norm, norm(value) + r, value, cfg.post_norm_iterations) - value
             u, v = solve_update(
                 keys, r.T, projector=projectors[layer] if projectors else None,
-                memory=memory[layer] if cfg.sequential_memory else None,
+                memory=self.memory[layer] if cfg.sequential_memory else None,
                 moment=stats[layer].moment if stats else None,
                 moment_weight=cfg.null_moment_weight if projectors else cfg.mom2_update_weight,
                 memory_weight=cfg.memory_weight, protected=protected[layer] if protected else None,
@@ -400,32 +400,6 @@ class Editor:
     def _rejoining(self) -> list[StoredBatch]:
         return [b for b in self.history if self._rejoins(b)]
 
-    def _rejoiners(self) -> tuple[list[EditRequest], torch.Tensor, dict[int, torch.Tensor]]:
-        """The earlier requests that rejoin the next update by target, their target values, and
-        the K_p it solves with: with ``rejoin_limit``, every batch's keys are in K_p, and the
-        ``rejoin_limit`` requests whose value (bare prompt, last edited layer, current weights)
-        lies furthest from their target, relative to its norm, leave it for this update."""
-        cfg = self.config
-        batches = self._rejoining()
-        requests = [r for b in batches for r in b.requests]
-        width = self._base[cfg.layers[-1]].shape[0]
-        z = torch.cat([b.z for b in batches]) if batches else torch.empty(0, width, device=self.device)
-        if cfg.rejoin_limit is None or not requests:
-            return requests, z, self.memory
-        rows = context_rows(self.tokenizer, requests, ["{}"]).to(self.device)
-        replay = SubjectReplay(self.model, self.adapter, rows, cfg.layers)
-        replay.refresh()
-        drift = (replay.hidden - z).norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-12)
-        chosen = drift.topk(min(cfg.rejoin_limit, len(requests))).indices.sort().values
-        # Stored keys: one column per request, or one per (request, context) with key_contexts="each".
-        per = len(self.contexts) if cfg.key_contexts == "each" else 1
-        cols = (chosen[:, None] * per + torch.arange(per, device=self.device)).flatten()
-        memory = {}
-        for i in cfg.layers:
-            k = torch.cat([b.keys[i] for b in batches], 1)[:, cols]
-            memory[i] = self.memory[i] - k @ k.T
-        return [requests[j] for j in chosen.tolist()], z[chosen], memory
-
     @property
     def uses_prompt_memory(self) -> bool:
         """Whether K_p also holds every token of earlier edits' prompts (``prompt_memory_weight``)."""
@@ -436,7 +410,7 @@ class Editor:
         is on) they are computed here, so the model must hold the weights the batch left."""
         if self.uses_prompt_memory and prompt_moments is None:  # replay has checked the requests
             prompt_moments = self._prompt_moments(batch.requests)
-        if not self._rejoins(batch) or self.config.rejoin_limit is not None:
+        if not self._rejoins(batch):
             for i, k in batch.keys.items():
                 self.memory[i] += k @ k.T
         if prompt_moments is not None:
