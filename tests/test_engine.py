@@ -191,7 +191,7 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("v_weight_decay", -0.5), ("v_loss_threshold", -1e-3), ("n_prefixes", -1),
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
-                                          ("protect_start_words", 0)])
+                                          ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -527,17 +527,17 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 """
 
 
-@pytest.mark.parametrize("earlier_edits, spectral_cap, prompt_memory_weight",
-                         [("keys", None, 0.0), ("targets", None, 0.0), ("keys", 0.05, 0.0), ("keys", None, 0.5)])
-def test_save_load_resume_matches_one_process(tmp_path, corpus, earlier_edits, spectral_cap, prompt_memory_weight):
-    editor = make_editor(tmp_path, corpus, earlier_edits=earlier_edits, spectral_cap=spectral_cap,
-                         prompt_memory_weight=prompt_memory_weight)
+@pytest.mark.parametrize("options", [{}, {"earlier_edits": "targets"}, {"repair_limit": 1, "repair_margin": 1e9},
+                                     {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5}],
+                         ids=["keys", "targets", "repair", "spectral-cap", "prompt-memory"])
+def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
+    editor = make_editor(tmp_path, corpus, **options)
     editor.apply(REQUESTS[0:1])
     editor.apply(REQUESTS[1:2])
     editor.save_state(tmp_path / "state")
     editor.apply(REQUESTS[2:3])
     one_process = projection_weights(editor)
-    if spectral_cap is not None:  # the clip bound, so the resumed run must reproduce it
+    if "spectral_cap" in options:  # the clip bound, so the resumed run must reproduce it
         u_last, u_first = editor.history[-1].deltas[editor.config.layers[-1]][0], editor.history[-1].deltas[editor.config.layers[0]][0]
         assert u_last.shape[1] > u_first.shape[1]
 
@@ -566,6 +566,30 @@ def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_p
         memory = sum(float(m.abs().sum()) for m in editor.memory.values())
         assert (memory == 0) == (mode == "targets")  # rejoining batches stay out of K_p
     assert float(drift["targets"].max()) < 0.1 * float(drift["keys"].min()), drift
+
+
+def test_repair_solves_the_least_sure_earlier_edits_back_to_their_targets(tmp_path, corpus):
+    """``repair_limit`` 1 puts back on its target the one earlier request the model holds least
+    surely once a batch is applied; 3 puts back all three; ``repair_margin`` 0 only those whose
+    true answer now leads (on this tiny model some, not all: its edits lead by tenths of a nat);
+    a margin every request is inside changes nothing in the choice. MEMIT keeps no K_p to repair
+    against, and the setting is unused there."""
+    runs = {"keys": {}, "1": dict(repair_limit=1), "1, any margin": dict(repair_limit=1, repair_margin=1e9),
+            "3": dict(repair_limit=3, repair_margin=1e9), "3, margin 0": dict(repair_limit=3, repair_margin=0.0)}
+    weights, on_target = {}, {}
+    for name, options in runs.items():
+        editor = make_editor(tmp_path, corpus, **options)
+        z = torch.cat([editor.apply(REQUESTS[0:2]).z, editor.apply(REQUESTS[2:3]).z])
+        editor.apply(REQUESTS[3:4])
+        gap = (value_at_subject(editor, REQUESTS[0:3]) - z).norm(dim=-1) / z.norm(dim=-1)
+        on_target[name] = int((gap < 1e-3).sum())
+        weights[name] = projection_weights(editor)
+    assert on_target == {"keys": 0, "1": 1, "1, any margin": 1, "3": 3, "3, margin 0": on_target["3, margin 0"]}
+    assert 1 <= on_target["3, margin 0"] < 3, on_target
+    for i, w in weights["keys"].items():
+        assert not torch.allclose(weights["1"][i], w, rtol=1e-4, atol=1e-5), i
+        assert torch.equal(weights["1, any margin"][i], weights["1"][i]), i
+    assert not make_editor(tmp_path, corpus, method="memit", repair_limit=1).repairs
 
 
 def test_replay_and_restore_base(tmp_path, corpus):

@@ -16,7 +16,7 @@ from editfleet.workers.evaluation.drift import drift, snapshot, subject_prompts
 from editfleet.workers.evaluation.data import DATA_DIR_ENV, EvalCase, data_dir, load_counterfact, load_zsre
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate, ngram_entropy, word_tokenize
 from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
-from editfleet.workers.evaluation.scoring import encode_prompts, encode_targets, score_pairs, score_targets
+from editfleet.workers.models.scoring import encode_prompts, encode_targets, score_pairs, score_targets
 from editfleet.workers.models.tiny import BOS_ID, FAMILIES, tiny_model
 
 

@@ -151,12 +151,15 @@ def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, 
             torch.testing.assert_close(cold[key], warm[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{"earlier_edits": "targets"}, {"prompt_memory_weight": 1.0}], ids=["targets", "prompt-memory"])
-def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worker(parts, options):
+@pytest.mark.parametrize("name, options, columns", [
+    ("targets", {"earlier_edits": "targets"}, 3),
+    ("repair", {"repair_limit": 1, "repair_margin": 1e9}, 2),
+    ("prompt-memory", {"prompt_memory_weight": 1.0}, 1)])
+def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worker(parts, name, options, columns):
     """With ``earlier_edits="targets"`` the stored requests and target values rejoin each later
-    update; with ``prompt_memory_weight`` the stored requests' prompts are replayed into K_p: a
-    worker rebuilding the chain from the store computes the same next checkpoint."""
-    name = next(iter(options))
+    update; with ``repair_limit`` the least sure of them are solved back after it; with
+    ``prompt_memory_weight`` the stored requests' prompts are replayed into K_p: a worker
+    rebuilding the chain from the store computes the same next checkpoint."""
     warm_store, fresh_store = parts["root"] / f"store-{name}", parts["root"] / f"store-{name}-copy"
     warm = _executor(parts, warm_store)
     _, first = _run(warm, BASE, [EIFFEL], options=options)
@@ -171,10 +174,10 @@ def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worke
         a, b = load_file(warm_store / path), load_file(fresh_store / path)
         for key in ("U", "V", "K"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
-    # With targets each later batch solved for the earlier requests too: one factor column per
-    # request and pass; the prompt memory only constrains the solve.
+    # With targets each later batch solved for the earlier requests too, with repair for one of
+    # them after it: one factor column per request and pass; the prompt memory only constrains.
     rank = load_file(warm_store / path)["U"].shape[1]
-    assert rank == (3 if name == "earlier_edits" else 1) * FAST_ENGINE["update_rounds"]
+    assert rank == columns * FAST_ENGINE["update_rounds"]
 
 
 def test_protected_prompts_are_part_of_the_checkpoint_identity(chain, parts):

@@ -38,7 +38,7 @@ from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, prompts_digest, read_protected_prompts
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
-from editfleet.workers.evaluation.scoring import TargetScore, encode_prompts, pad_id, run_prompts, score_targets
+from editfleet.workers.models.scoring import TargetScore, encode_prompts, pad_id, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
@@ -150,8 +150,8 @@ class EditWorker:
         own = set(editor.config.layers)
         for record in chain:
             deltas, keys = self._load_batch(record)
-            # Target values matter only to an editor that rejoins earlier batches by them.
-            requests, z, z_layer = self._load_targets(record) if editor.uses_targets else (None, None, None)
+            # Target values matter only to an editor that rejoins or repairs earlier batches by them.
+            requests, z, z_layer = self._load_targets(record) if editor.needs_targets else (None, None, None)
             if requests is None and editor.uses_prompt_memory:
                 requests = parse_requests(record.meta["edits"])
             # Layers of other settings first: the prompt memory reads the weights the batch left.

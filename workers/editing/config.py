@@ -70,6 +70,19 @@ class EditConfig:
             request rejoins the update with its stored target value and its keys recomputed on
             the current model, so an edit whose subject keys drifted under later batches is
             pulled back to its target (the update's cost then grows with every edit so far).
+        repair_limit: after each batch, up to this many earlier requests are solved back to their
+            stored target values (keys recomputed on the model the batch left, every other edit's
+            keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
+            ones: those the model now holds least surely, by how far their new target's mean token
+            NLL on the bare prompt leads the true answer's (a request without a true answer counts
+            its new target's NLL alone). Later batches erode earlier edits through their margin,
+            not through how far their values moved (docs/engine.md); 0: off (the paper). Unused
+            without ``sequential_memory`` or with ``earlier_edits="targets"`` (every earlier
+            request rejoins each update then).
+        repair_margin: only earlier requests whose new target leads by less than this many nats
+            (or trails) are repaired: those already far ahead are left alone, and each batch's
+            repair costs only what it fixes (500 gemma3 edits: perplexity +10.8% instead of
+            +16.1% repairing 100 regardless, at efficacy 0.986; docs/benchmarks.md).
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
         prompt_memory_weight: weight, per token, of the keys at every token of earlier edits'
@@ -128,6 +141,8 @@ class EditConfig:
     spectral_cap: float | None = None
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
+    repair_limit: int = 0
+    repair_margin: float = 1.0
     memory_weight: float = 1.0
     prompt_memory_weight: float = 0.0
     protect_weight: float = 0.1
@@ -159,7 +174,7 @@ class EditConfig:
             raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
         for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",
                      "v_weight_decay", "v_loss_threshold", "n_prefixes", "nullspace_threshold", "alpha",
-                     "mom2_update_weight", "protect_starts"):
+                     "mom2_update_weight", "protect_starts", "repair_limit", "repair_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "prefix_tokens",
@@ -218,7 +233,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "alphaedit": dict(sequential_memory=True),
-    "memit": dict(sequential_memory=False, protect_starts=0),
+    "memit": dict(sequential_memory=False, protect_starts=0, repair_limit=0),
 }
 
 

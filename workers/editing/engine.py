@@ -34,6 +34,7 @@ from editfleet.workers.editing.targets import context_rows, optimise_targets, re
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
+from editfleet.workers.models.scoring import score_pairs
 
 Progress = Callable[[str, int, int], None]
 # Rows per forward pass when the prompt memory is gathered (bounds its memory, not its result).
@@ -281,7 +282,9 @@ class Editor:
             rows = context_rows(tok, earlier + requests, self.contexts).to(self.device)
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
-            deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, progress)
+            deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
+            if self.repairs:
+                deltas = self._repair(deltas, rows, replay, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
                 deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
@@ -312,7 +315,8 @@ class Editor:
                            z=targets.z, timings=timings)
 
     def _update(self, rows: Rows, replay: SubjectReplay, z: torch.Tensor, projectors: dict | None,
-                stats: dict | None, protected: dict | None, progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
+                stats: dict | None, protected: dict | None, memory: dict[int, torch.Tensor],
+                progress: Progress | None) -> tuple[LowRank, torch.Tensor]:
         """Per layer, shallow to deep: the residual still missing at the last layer, spread over
         the remaining layers, mapped to this projection's output and solved for; repeated for
         ``update_rounds`` passes over the layers (each pass solves for what the previous ones left).
@@ -342,7 +346,7 @@ class Editor:
                     r = adapter.invert_post_norm(norm, norm(value) + r, value, cfg.post_norm_iterations) - value
             u, v = solve_update(
                 keys, r.T, projector=projectors[layer] if projectors else None,
-                memory=self.memory[layer] if cfg.sequential_memory else None,
+                memory=memory[layer] if cfg.sequential_memory else None,
                 moment=stats[layer].moment if stats else None,
                 moment_weight=cfg.null_moment_weight if projectors else cfg.mom2_update_weight,
                 memory_weight=cfg.memory_weight, protected=protected[layer] if protected else None,
@@ -359,6 +363,50 @@ class Editor:
         deltas = {layer: (torch.cat([u for u, _ in fs], 1), torch.cat([v for _, v in fs], 1))
                   for layer, fs in factors.items()}
         return deltas, start
+
+    def _repair(self, deltas: LowRank, rows: Rows, replay: SubjectReplay, projectors: dict | None, stats: dict | None,
+                protected: dict | None, progress: Progress | None) -> LowRank:
+        """``repair_limit``: with the batch's passes applied, the earlier requests the model holds
+        least surely are solved back to their stored targets; they leave K_p for this solve and
+        the batch's own keys (as they are now) join it. Returns the batch's factors with the
+        repair's appended."""
+        cfg = self.config
+        batches = [b for b in self.history if self._repairable(b)]
+        requests = [r for b in batches for r in b.requests]
+        chosen = self._least_sure(requests)
+        if not len(chosen):
+            return deltas
+        replay.changed(cfg.layers[0])
+        replay.refresh()
+        # Stored keys: one column per request, or one per (request, context) with key_contexts="each".
+        per = len(self.contexts) if cfg.key_contexts == "each" else 1
+        cols = (chosen[:, None] * per + torch.arange(per, device=self.device)).flatten()
+        memory = {}
+        for i in cfg.layers:
+            leaving, own = torch.cat([b.keys[i] for b in batches], 1)[:, cols], self._batch_keys(replay.keys[i], rows)
+            memory[i] = self.memory[i] - leaving @ leaving.T + own @ own.T
+        earlier = [requests[j] for j in chosen.tolist()]
+        rows = context_rows(self.tokenizer, earlier, self.contexts).to(self.device)
+        z = torch.cat([b.z for b in batches])[chosen]
+        repair, _ = self._update(rows, SubjectReplay(self.model, self.adapter, rows, cfg.layers), z,
+                                 projectors, stats, protected, memory, progress)
+        return {i: (torch.cat([u, repair[i][0]], 1), torch.cat([v, repair[i][1]], 1)) for i, (u, v) in deltas.items()}
+
+    def _least_sure(self, requests: list[EditRequest]) -> torch.Tensor:
+        """Indices, in order, of up to ``repair_limit`` requests whose new target leads their true
+        answer by the least (bare prompt, mean token NLL), within ``repair_margin``."""
+        cfg = self.config
+        if not requests:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        new = score_pairs(self.model, self.tokenizer, [(r.text, r.target_new) for r in requests])
+        known = [j for j, r in enumerate(requests) if r.target_true]
+        true = score_pairs(self.model, self.tokenizer, [(requests[j].text, requests[j].target_true) for j in known])
+        lead = torch.tensor([-s.nll for s in new], dtype=torch.float64)
+        for j, s in zip(known, true):
+            lead[j] += s.nll
+        chosen = (-lead).topk(min(cfg.repair_limit, len(requests))).indices
+        chosen = chosen[lead[chosen] < cfg.repair_margin]
+        return chosen.sort().values.to(self.device)
 
     @functools.cached_property
     def _clip_limit(self) -> float:
@@ -394,11 +442,26 @@ class Editor:
 
     def _rejoins(self, batch: StoredBatch) -> bool:
         """Whether ``batch`` takes part in later updates by its targets rather than in K_p."""
-        return (self.uses_targets and batch.z is not None and batch.requests is not None
-                and batch.z_layer == self.config.layers[-1])
+        return self.uses_targets and self._repairable(batch)
 
     def _rejoining(self) -> list[StoredBatch]:
         return [b for b in self.history if self._rejoins(b)]
+
+    @property
+    def repairs(self) -> bool:
+        """Whether each batch repairs earlier requests by target (``repair_limit``; K_p mode only)."""
+        cfg = self.config
+        return cfg.repair_limit > 0 and cfg.sequential_memory and cfg.earlier_edits == "keys"
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether updates read earlier batches' requests and target values (to rejoin or repair)."""
+        return self.uses_targets or self.repairs
+
+    def _repairable(self, batch: StoredBatch) -> bool:
+        """Whether ``batch`` can rejoin or be repaired by target: stored with its requests and
+        target values at the current last edited layer."""
+        return batch.z is not None and batch.requests is not None and batch.z_layer == self.config.layers[-1]
 
     @property
     def uses_prompt_memory(self) -> bool:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editfleet.workers.evaluation.scoring import continue_rows, encode_prompts, pad_id, run_prompts
+from editfleet.workers.models.scoring import continue_rows, encode_prompts, pad_id, run_prompts
 from editfleet.workers.models.forward import head_logits
 
 NGRAM_ORDERS = (2, 3)
