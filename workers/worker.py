@@ -38,10 +38,10 @@ from editfleet.workers.editing.engine import BatchResult, Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError, parse_requests, prompts_digest, read_protected_prompts
 from editfleet.workers.editing.targets import resolve_target_dtype
 from editfleet.workers.evaluation.metrics import perplexity
-from editfleet.workers.models.scoring import TargetScore, encode_prompts, pad_id, run_prompts, score_targets
 from editfleet.workers.models.adapters import adapter_for
 from editfleet.workers.models.forward import context_length, head_logits, model_device
 from editfleet.workers.models.registry import editfleet_home, load_model
+from editfleet.workers.models.scoring import TargetScore, encode_prompts, pad_id, run_prompts, score_targets
 from editfleet.workers.store import BASE, CheckpointRecord, CheckpointStore, checkpoint_id
 
 EXPORT_INFO = "editfleet-checkpoint.json"

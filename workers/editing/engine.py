@@ -34,7 +34,7 @@ from editfleet.workers.editing.targets import context_rows, optimise_targets, re
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
-from editfleet.workers.models.scoring import score_pairs
+from editfleet.workers.models.scoring import score_targets
 
 Progress = Callable[[str, int, int], None]
 # Rows per forward pass when the prompt memory is gathered (bounds its memory, not its result).
@@ -398,12 +398,10 @@ class Editor:
         cfg = self.config
         if not requests:
             return torch.empty(0, dtype=torch.long, device=self.device)
-        new = score_pairs(self.model, self.tokenizer, [(r.text, r.target_new) for r in requests])
-        known = [j for j, r in enumerate(requests) if r.target_true]
-        true = score_pairs(self.model, self.tokenizer, [(requests[j].text, requests[j].target_true) for j in known])
-        lead = torch.tensor([-s.nll for s in new], dtype=torch.float64)
-        for j, s in zip(known, true):
-            lead[j] += s.nll
+        # Each prompt runs once; its new target and true answer share its KV cache.
+        scores = score_targets(self.model, self.tokenizer, [r.text for r in requests],
+                               [[r.target_new] + ([r.target_true] if r.target_true else []) for r in requests])
+        lead = torch.tensor([sum(s.nll for s in pair[1:]) - pair[0].nll for pair in scores], dtype=torch.float64)
         chosen = (-lead).topk(min(cfg.repair_limit, len(requests))).indices
         chosen = chosen[lead[chosen] < cfg.repair_margin]
         return chosen.sort().values.to(self.device)

@@ -19,8 +19,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from editfleet.workers.models.scoring import encode_prompts, pad_id, run_prompts
 from editfleet.workers.models.forward import head_logits
+from editfleet.workers.models.scoring import encode_prompts, pad_id, run_prompts
 
 # Generic continuations of a bare subject; "{} is a" is left out because the target loss holds it.
 DRIFT_PROMPTS = ("{} is", "{} was", "{} is known for")

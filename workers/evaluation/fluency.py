@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editfleet.workers.models.scoring import continue_rows, encode_prompts, pad_id, run_prompts
 from editfleet.workers.models.forward import head_logits
+from editfleet.workers.models.scoring import continue_rows, encode_prompts, pad_id, run_prompts
 
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)

@@ -18,8 +18,8 @@ from torch import nn
 
 from editfleet.workers.evaluation.data import EvalCase, data_dir
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate
-from editfleet.workers.models.scoring import TargetScore, prompt_prefix, score_targets
 from editfleet.workers.models.forward import context_length, final_hidden, head_logits, model_device
+from editfleet.workers.models.scoring import TargetScore, prompt_prefix, score_targets
 
 WIKITEXT_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
 # The default perplexity text is read from this head of WIKITEXT_TEST only, and the default
