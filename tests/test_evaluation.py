@@ -16,7 +16,7 @@ from editfleet.workers.evaluation.drift import drift, snapshot, subject_prompts
 from editfleet.workers.evaluation.data import DATA_DIR_ENV, EvalCase, data_dir, load_counterfact, load_zsre
 from editfleet.workers.evaluation.fluency import fluency, greedy_generate, ngram_entropy, word_tokenize
 from editfleet.workers.evaluation.metrics import evaluate_counterfact, evaluate_zsre, perplexity
-from editfleet.workers.models.scoring import encode_prompts, encode_targets, score_pairs, score_targets
+from editfleet.workers.models.scoring import encode_prompts, encode_targets, score_targets
 from editfleet.workers.models.tiny import BOS_ID, FAMILIES, tiny_model
 
 
@@ -112,12 +112,14 @@ def test_subject_drift_is_zero_unchanged_and_the_kl_of_the_coarsened_distributio
 
 def test_padding_and_batching_do_not_change_scores():
     model, tok = tiny_model("gemma3", seed=1)
-    alone = [score_pairs(model, tok, [pair], batch_size=1)[0] for pair in PAIRS]
-    together = score_pairs(model, tok, PAIRS, batch_size=len(PAIRS))
+    prompts, targets = [p for p, _ in PAIRS], [[t] for _, t in PAIRS]
+    alone = [score_targets(model, tok, [p], [t], batch_size=1)[0][0] for p, t in zip(prompts, targets)]
+    together = [s[0] for s in score_targets(model, tok, prompts, targets, batch_size=len(PAIRS))]
     for a, b in zip(alone, together):
         assert b.nll == pytest.approx(a.nll, abs=1e-5)
         assert (a.top1, a.token_accuracy) == (b.top1, b.token_accuracy)
-    assert score_pairs(model, tok, PAIRS, batch_size=2) == score_pairs(model, tok, PAIRS, batch_size=2)
+    twice = [score_targets(model, tok, prompts, targets, batch_size=2) for _ in range(2)]
+    assert twice[0] == twice[1]
 
 
 def test_bos_is_kept_for_prompts_and_targets_follow_a_space():

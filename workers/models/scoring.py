@@ -197,9 +197,3 @@ def score_targets(model: nn.Module, tok, prompts: Sequence[str], targets: Sequen
         for i, s in zip(idx, scores):
             results[i] = s
     return results
-
-
-def score_pairs(model: nn.Module, tok, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[TargetScore]:
-    """Score single (prompt, target) pairs; see ``score_targets``."""
-    grouped = score_targets(model, tok, [p for p, _ in pairs], [[t] for _, t in pairs], batch_size)
-    return [g[0] for g in grouped]
