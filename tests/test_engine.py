@@ -191,7 +191,8 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("v_weight_decay", -0.5), ("v_loss_threshold", -1e-3), ("n_prefixes", -1),
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
-                                          ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5)])
+                                          ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5),
+                                          ("repair_batch", "all")])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -528,8 +529,9 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 
 
 @pytest.mark.parametrize("options", [{}, {"earlier_edits": "targets"}, {"repair_limit": 1, "repair_margin": 1e9},
+                                     {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"},
                                      {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5}],
-                         ids=["keys", "targets", "repair", "spectral-cap", "prompt-memory"])
+                         ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory"])
 def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
     editor = make_editor(tmp_path, corpus, **options)
     editor.apply(REQUESTS[0:1])
@@ -572,23 +574,29 @@ def test_repair_solves_the_least_sure_earlier_edits_back_to_their_targets(tmp_pa
     """``repair_limit`` 1 puts back on its target the one earlier request the model holds least
     surely once a batch is applied; 3 puts back all three; ``repair_margin`` 0 only those whose
     true answer now leads (on this tiny model some, not all: its edits lead by tenths of a nat);
-    a margin every request is inside changes nothing in the choice. MEMIT keeps no K_p to repair
-    against, and the setting is unused there."""
+    a margin every request is inside changes nothing in the choice. ``repair_batch="targets"``
+    solves the batch's own request again beside them instead of holding its keys, so it ends on
+    its target too. MEMIT keeps no K_p to repair against, and the setting is unused there."""
     runs = {"keys": {}, "1": dict(repair_limit=1), "1, any margin": dict(repair_limit=1, repair_margin=1e9),
-            "3": dict(repair_limit=3, repair_margin=1e9), "3, margin 0": dict(repair_limit=3, repair_margin=0.0)}
-    weights, on_target = {}, {}
+            "3": dict(repair_limit=3, repair_margin=1e9), "3, margin 0": dict(repair_limit=3, repair_margin=0.0),
+            "3, own by target": dict(repair_limit=3, repair_margin=1e9, repair_batch="targets")}
+    weights, on_target, own_gap = {}, {}, {}
     for name, options in runs.items():
         editor = make_editor(tmp_path, corpus, **options)
         z = torch.cat([editor.apply(REQUESTS[0:2]).z, editor.apply(REQUESTS[2:3]).z])
-        editor.apply(REQUESTS[3:4])
+        z_own = editor.apply(REQUESTS[3:4]).z
         gap = (value_at_subject(editor, REQUESTS[0:3]) - z).norm(dim=-1) / z.norm(dim=-1)
         on_target[name] = int((gap < 1e-3).sum())
+        own_gap[name] = float((value_at_subject(editor, REQUESTS[3:4]) - z_own).norm() / z_own.norm())
         weights[name] = projection_weights(editor)
-    assert on_target == {"keys": 0, "1": 1, "1, any margin": 1, "3": 3, "3, margin 0": on_target["3, margin 0"]}
+    assert on_target == {"keys": 0, "1": 1, "1, any margin": 1, "3": 3, "3, margin 0": on_target["3, margin 0"],
+                         "3, own by target": 3}
     assert 1 <= on_target["3, margin 0"] < 3, on_target
+    assert own_gap["3, own by target"] < 1e-3, own_gap
     for i, w in weights["keys"].items():
         assert not torch.allclose(weights["1"][i], w, rtol=1e-4, atol=1e-5), i
         assert torch.equal(weights["1, any margin"][i], weights["1"][i]), i
+        assert not torch.allclose(weights["3, own by target"][i], weights["3"][i], rtol=1e-4, atol=1e-5), i
     assert not make_editor(tmp_path, corpus, method="memit", repair_limit=1).repairs
 
 

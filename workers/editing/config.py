@@ -87,6 +87,12 @@ class EditConfig:
             (or trails) are repaired: those already far ahead are left alone, and each batch's
             repair costs only what it fixes (500 gemma3 edits: perplexity +10.8% instead of
             +16.1% repairing 100 regardless, at efficacy 0.986; docs/benchmarks.md).
+        repair_batch: how the batch's own requests take part in the repair. ``keys``: their keys,
+            as the batch left them, join K_p, so the repair keeps their values where they are.
+            ``targets``: they are solved again to their target values beside the repaired ones,
+            so a repair that pulls similar earlier keys back cannot push the new batch off its
+            targets (zsRE's question templates, whose keys lie close together: docs/benchmarks.md,
+            twenty-ninth to thirty-first sessions).
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
         prompt_memory_weight: weight, per token, of the keys at every token of earlier edits'
@@ -147,6 +153,7 @@ class EditConfig:
     earlier_edits: Literal["keys", "targets"] = "keys"
     repair_limit: int = 0
     repair_margin: float = 1.0
+    repair_batch: Literal["keys", "targets"] = "keys"
     memory_weight: float = 1.0
     prompt_memory_weight: float = 0.0
     protect_weight: float = 0.1
@@ -170,6 +177,8 @@ class EditConfig:
             raise ValueError(f"key_contexts must be mean or each, got {self.key_contexts!r}")
         if self.earlier_edits not in ("keys", "targets"):
             raise ValueError(f"earlier_edits must be keys or targets, got {self.earlier_edits!r}")
+        if self.repair_batch not in ("keys", "targets"):
+            raise ValueError(f"repair_batch must be keys or targets, got {self.repair_batch!r}")
         if self.target_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:

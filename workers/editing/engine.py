@@ -284,7 +284,7 @@ class Editor:
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
             if self.repairs:
-                deltas = self._repair(deltas, rows, replay, projectors, stats, protected, progress)
+                deltas = self._repair(deltas, requests, targets.z, rows, replay, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
                 deltas = self._clip_spectrum(deltas, snapshot)
             # The passes added their deltas one by one; apply the batch's factors exactly as a
@@ -364,30 +364,37 @@ class Editor:
                   for layer, fs in factors.items()}
         return deltas, start
 
-    def _repair(self, deltas: LowRank, rows: Rows, replay: SubjectReplay, projectors: dict | None, stats: dict | None,
-                protected: dict | None, progress: Progress | None) -> LowRank:
+    def _repair(self, deltas: LowRank, requests: list[EditRequest], z_own: torch.Tensor, rows: Rows,
+                replay: SubjectReplay, projectors: dict | None, stats: dict | None, protected: dict | None,
+                progress: Progress | None) -> LowRank:
         """``repair_limit``: with the batch's passes applied, the earlier requests the model holds
-        least surely are solved back to their stored targets; they leave K_p for this solve and
-        the batch's own keys (as they are now) join it. Returns the batch's factors with the
-        repair's appended."""
+        least surely are solved back to their stored targets; they leave K_p for this solve. The
+        batch's own requests (``rows``, ``z_own``) join it as keys as they are now
+        (``repair_batch="keys"``) or are solved again beside them (``"targets"``). Returns the
+        batch's factors with the repair's appended."""
         cfg = self.config
         batches = [b for b in self.history if self._repairable(b)]
-        requests = [r for b in batches for r in b.requests]
-        chosen = self._least_sure(requests)
+        earlier = [r for b in batches for r in b.requests]
+        chosen = self._least_sure(earlier)
         if not len(chosen):
             return deltas
-        replay.changed(cfg.layers[0])
-        replay.refresh()
+        own = cfg.repair_batch == "keys"
+        if own:
+            replay.changed(cfg.layers[0])
+            replay.refresh()
         # Stored keys: one column per request, or one per (request, context) with key_contexts="each".
         per = len(self.contexts) if cfg.key_contexts == "each" else 1
         cols = (chosen[:, None] * per + torch.arange(per, device=self.device)).flatten()
         memory = {}
         for i in cfg.layers:
-            leaving, own = torch.cat([b.keys[i] for b in batches], 1)[:, cols], self._batch_keys(replay.keys[i], rows)
-            memory[i] = self.memory[i] - leaving @ leaving.T + own @ own.T
-        earlier = [requests[j] for j in chosen.tolist()]
-        rows = context_rows(self.tokenizer, earlier, self.contexts).to(self.device)
-        z = torch.cat([b.z for b in batches])[chosen]
+            leaving = torch.cat([b.keys[i] for b in batches], 1)[:, cols]
+            memory[i] = self.memory[i] - leaving @ leaving.T
+            if own:
+                kept = self._batch_keys(replay.keys[i], rows)
+                memory[i] = memory[i] + kept @ kept.T
+        solved = [earlier[j] for j in chosen.tolist()] + ([] if own else list(requests))
+        z = torch.cat([torch.cat([b.z for b in batches])[chosen]] + ([] if own else [z_own]))
+        rows = context_rows(self.tokenizer, solved, self.contexts).to(self.device)
         repair, _ = self._update(rows, SubjectReplay(self.model, self.adapter, rows, cfg.layers), z,
                                  projectors, stats, protected, memory, progress)
         return {i: (torch.cat([u, repair[i][0]], 1), torch.cat([v, repair[i][1]], 1)) for i, (u, v) in deltas.items()}
