@@ -101,7 +101,8 @@ def test_subject_drift_is_zero_unchanged_and_the_kl_of_the_coarsened_distributio
             p.add_(size * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     full = _full_kl(before_full, model, tok, prompts)
     # Every token kept (the tiny vocabulary is below TOP): the full KL; batched as one prompt at a time.
-    assert drift(model, tok, whole, batch_size=3)["kl"] == pytest.approx(sum(full) / len(full), rel=1e-3, abs=1e-8)
+    # (abs: float32 noise of the padded batch, the unchanged model's bound above.)
+    assert drift(model, tok, whole, batch_size=3)["kl"] == pytest.approx(sum(full) / len(full), rel=1e-3, abs=1e-6)
     # Five tokens and the rest merged: a lower bound, and above zero.
     assert 0 < drift(model, tok, coarse)["kl"] < sum(full) / len(full)
     kept = [int(b.argmax()) == int(model(torch.tensor([encode_prompts(tok, [p])[0]])).logits[0, -1].argmax())
