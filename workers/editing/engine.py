@@ -378,8 +378,8 @@ class Editor:
         chosen = self._least_sure(earlier)
         if not len(chosen):
             return deltas
-        own = cfg.repair_batch == "keys"
-        if own:
+        held = cfg.repair_batch == "keys"  # the batch's own keys held in K_p, not solved again
+        if held:
             replay.changed(cfg.layers[0])
             replay.refresh()
         # Stored keys: one column per request, or one per (request, context) with key_contexts="each".
@@ -389,11 +389,11 @@ class Editor:
         for i in cfg.layers:
             leaving = torch.cat([b.keys[i] for b in batches], 1)[:, cols]
             memory[i] = self.memory[i] - leaving @ leaving.T
-            if own:
+            if held:
                 kept = self._batch_keys(replay.keys[i], rows)
                 memory[i] = memory[i] + kept @ kept.T
-        solved = [earlier[j] for j in chosen.tolist()] + ([] if own else list(requests))
-        z = torch.cat([torch.cat([b.z for b in batches])[chosen]] + ([] if own else [z_own]))
+        solved = [earlier[j] for j in chosen.tolist()] + ([] if held else list(requests))
+        z = torch.cat([torch.cat([b.z for b in batches])[chosen]] + ([] if held else [z_own]))
         rows = context_rows(self.tokenizer, solved, self.contexts).to(self.device)
         repair, _ = self._update(rows, SubjectReplay(self.model, self.adapter, rows, cfg.layers), z,
                                  projectors, stats, protected, memory, progress)
