@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,20 +170,12 @@ class EditConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("alphaedit", "memit"):
-            raise ValueError(f"method must be 'alphaedit' or 'memit', got {self.method!r}")
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                allowed = " or ".join([", ".join(choices[:-1]), choices[-1]])
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
         if not self.layers or sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"layers must be non-empty, increasing and unique, got {self.layers!r}")
-        if self.solve_dtype not in ("float32", "float64"):
-            raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype!r}")
-        if self.key_contexts not in ("mean", "each"):
-            raise ValueError(f"key_contexts must be mean or each, got {self.key_contexts!r}")
-        if self.earlier_edits not in ("keys", "targets"):
-            raise ValueError(f"earlier_edits must be keys or targets, got {self.earlier_edits!r}")
-        if self.repair_batch not in ("keys", "targets"):
-            raise ValueError(f"repair_batch must be keys or targets, got {self.repair_batch!r}")
-        if self.target_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"target_dtype must be auto, float32 or bfloat16, got {self.target_dtype!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
         if self.spectral_cap is not None and self.spectral_cap <= 0:
@@ -214,6 +208,14 @@ class EditConfig:
 
     def replace(self, **changes: Any) -> "EditConfig":
         return dataclasses.replace(self, **changes) if changes else self
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every ``Literal`` setting, read from the annotations so a new one is
+    checked without a check of its own."""
+    hints = typing.get_type_hints(EditConfig)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
 
 
 # Per family (as named by the model adapter) and method; tuned by measurement on the built-in
