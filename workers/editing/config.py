@@ -95,7 +95,8 @@ class EditConfig:
             so a repair that pulls similar earlier keys back cannot push the new batch off its
             targets (zsRE's question templates, whose keys lie close together). On gemma3
             CounterFact it raises generalization 0.014-0.046 for 0.6-1.3 points of held-out
-            perplexity (docs/benchmarks.md, twenty-ninth to thirty-first sessions).
+            perplexity; on zsRE it won on one seed and lost on the other, within the seeds' own
+            spread (docs/benchmarks.md, twenty-ninth to thirty-second sessions).
         memory_weight: weight of K_p K_p^T in the solve (the paper: 1, the same weight as the batch's
             own keys, so a new batch may move earlier edits' values as much as it misses its own).
         prompt_memory_weight: weight, per token, of the keys at every token of earlier edits'
