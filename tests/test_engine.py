@@ -192,7 +192,7 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
                                           ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5),
-                                          ("repair_batch", "all")])
+                                          ("repair_batch", "all"), ("retarget_rounds", -1)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -530,8 +530,10 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 
 @pytest.mark.parametrize("options", [{}, {"earlier_edits": "targets"}, {"repair_limit": 1, "repair_margin": 1e9},
                                      {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"},
-                                     {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5}],
-                         ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory"])
+                                     {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5},
+                                     {"retarget_rounds": 1, "update_rounds": 1}],
+                         ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory",
+                              "retarget"])
 def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
     editor = make_editor(tmp_path, corpus, **options)
     editor.apply(REQUESTS[0:1])
@@ -551,6 +553,35 @@ def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
         assert torch.equal(resumed[i], w) or torch.allclose(resumed[i], w, rtol=1e-6, atol=0), i
     meta = json.loads((tmp_path / "state" / "state.json").read_text())
     assert meta["batches"] == 2 and meta["config"]["layers"] == list(editor.config.layers)
+
+
+def test_retarget_rounds_solve_for_targets_found_on_the_edited_model(tmp_path, corpus):
+    """With one update pass Gemma 3's values stop short of their targets; a retarget round
+    optimises the targets again from the edited model and the update lands those (the stored
+    ``z``), with one more set of factor columns. A model that already holds every target after
+    the first update (a loose stop) ends the loop: the weights are those without the round."""
+    first = make_editor(tmp_path, corpus, "gemma3", update_rounds=1)
+    z_first = first.apply(REQUESTS[:3]).z
+    editor = make_editor(tmp_path, corpus, "gemma3", update_rounds=1, retarget_rounds=1)
+    result = editor.apply(REQUESTS[:3])
+    assert torch.equal(editor.history[-1].z, result.z)
+    moved = (result.z - z_first).norm(dim=-1) / z_first.norm(dim=-1)
+    assert float(moved.min()) > 1e-3, moved
+    assert all(s > 30 for s in result.target_steps), result.target_steps  # both rounds optimised
+    for i in editor.config.layers:
+        assert editor.history[-1].deltas[i][0].shape[1] == 2 * first.history[-1].deltas[i][0].shape[1]
+    # The stored targets are where the edited model now is, within the one pass's gap.
+    gap = (value_at_subject(editor, REQUESTS[:3]) - result.z).norm(dim=-1)
+    assert float((gap / (value_at_subject(first, REQUESTS[:3]) - result.z).norm(dim=-1)).max()) < 0.5, gap
+
+    weights = {}
+    for rounds in (0, 2):  # the tiny model's target NLL starts near 6.1 and falls below 6.0 within a few steps
+        held = make_editor(tmp_path, corpus, v_loss_threshold=6.0, retarget_rounds=rounds)
+        steps = held.apply(REQUESTS[:3]).target_steps
+        assert any(steps), steps
+        weights[rounds] = projection_weights(held)
+    for i, w in weights[0].items():
+        assert torch.equal(weights[2][i], w), i
 
 
 def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_path, corpus):

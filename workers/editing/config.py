@@ -72,6 +72,15 @@ class EditConfig:
             request rejoins the update with its stored target value and its keys recomputed on
             the current model, so an edit whose subject keys drifted under later batches is
             pulled back to its target (the update's cost then grows with every edit so far).
+        retarget_rounds: after the batch's update passes, its targets are optimised again on the
+            edited model and the update solves for the new ones, this many times (0: the paper's
+            single target). The weights realise a shift made at one position in a few contexts,
+            and they also move the prompt's other tokens, so an edit whose target was reached by
+            the shift may still miss it on the edited model (zsRE: mean target probability 0.90
+            after 50 steps, token accuracy 0.72 after the update; docs/benchmarks.md, ninth
+            session). A request the edited model already holds (mean target NLL below
+            ``v_loss_threshold``) keeps its value; a round where every request holds ends the
+            loop early. Its cost: one target optimisation and one update per round.
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
@@ -155,6 +164,7 @@ class EditConfig:
     spectral_cap: float | None = None
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
+    retarget_rounds: int = 0
     repair_limit: int = 0
     repair_margin: float = 1.0
     repair_batch: Literal["keys", "targets"] = "keys"
@@ -183,7 +193,7 @@ class EditConfig:
             raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
         for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",
                      "v_weight_decay", "v_loss_threshold", "n_prefixes", "nullspace_threshold", "alpha",
-                     "mom2_update_weight", "protect_starts", "repair_limit", "repair_margin"):
+                     "mom2_update_weight", "protect_starts", "retarget_rounds", "repair_limit", "repair_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "prefix_tokens",

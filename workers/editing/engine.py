@@ -30,7 +30,7 @@ from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, paragraph_starts,
                                                   params_digest)
-from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
+from editfleet.workers.editing.targets import Targets, context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
@@ -66,6 +66,11 @@ class StoredBatch:
     requests: list[EditRequest] | None = None   # with ``z``: lets the batch rejoin later updates
     z: torch.Tensor | None = None               # (requests, d_model) target values at ``z_layer``
     z_layer: int | None = None
+
+
+def _joined(deltas: LowRank, more: LowRank) -> LowRank:
+    """Each layer's factors with ``more``'s columns appended (one product, one delta)."""
+    return {i: (torch.cat([u, more[i][0]], 1), torch.cat([v, more[i][1]], 1)) for i, (u, v) in deltas.items()}
 
 
 def default_corpus() -> list[CorpusText]:
@@ -283,6 +288,15 @@ class Editor:
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
+            for _ in range(cfg.retarget_rounds):
+                again = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
+                if not any(again.steps):  # the edited model holds every target
+                    break
+                targets = Targets(shift=targets.shift, z=again.z, nll=again.nll,
+                                  steps=[a + b for a, b in zip(targets.steps, again.steps)])
+                z = torch.cat([b.z for b in rejoin] + [targets.z])
+                deltas = _joined(deltas, self._update(rows, replay, z, projectors, stats, protected, self.memory,
+                                                      progress)[0])
             if self.repairs:
                 deltas = self._repair(deltas, requests, targets.z, rows, replay, projectors, stats, protected, progress)
             if cfg.spectral_cap is not None:
@@ -397,7 +411,7 @@ class Editor:
         rows = context_rows(self.tokenizer, solved, self.contexts).to(self.device)
         repair, _ = self._update(rows, SubjectReplay(self.model, self.adapter, rows, cfg.layers), z,
                                  projectors, stats, protected, memory, progress)
-        return {i: (torch.cat([u, repair[i][0]], 1), torch.cat([v, repair[i][1]], 1)) for i, (u, v) in deltas.items()}
+        return _joined(deltas, repair)
 
     def _least_sure(self, requests: list[EditRequest]) -> torch.Tensor:
         """Indices, in order, of up to ``repair_limit`` requests whose new target leads their true
