@@ -508,6 +508,19 @@ def test_converged_requests_freeze_while_others_continue():
     torch.testing.assert_close(mixed.shift[0], alone.shift[0], rtol=1e-4, atol=1e-5)
 
 
+def test_kl_reference_is_the_distribution_the_term_keeps():
+    """Given back its own KL reference, the optimisation is the same; the reference of a model
+    whose "{subject} is a" continuation differs (a retarget round's edited model) changes it."""
+    model, tok = tiny_model("llama", seed=1, initializer_range=0.1)
+    config = default_config("x", "alphaedit", 6, **{**TINY, "v_max_steps": 8, "kl_factor": 1.0})
+    adapter = _adapter(model)
+    own = optimise_targets(model, tok, adapter, REQUESTS[:2], ["{}"], config)
+    again = optimise_targets(model, tok, adapter, REQUESTS[:2], ["{}"], config, kl_reference=own.kl_reference)
+    assert torch.equal(again.shift, own.shift)
+    other = optimise_targets(model, tok, adapter, REQUESTS[:2], ["{}"], config, kl_reference=2 * own.kl_reference)
+    assert not torch.allclose(other.shift, own.shift, rtol=1e-3, atol=1e-5)
+
+
 def _adapter(model):
     from editfleet.workers.models.adapters import adapter_for
 

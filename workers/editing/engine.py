@@ -289,11 +289,14 @@ class Editor:
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
             for _ in range(cfg.retarget_rounds):
-                again = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
+                # The KL term keeps the distribution before the batch, not the one the update left.
+                again = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress,
+                                         kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
                 targets = Targets(shift=targets.shift, z=again.z, nll=again.nll,
-                                  steps=[a + b for a, b in zip(targets.steps, again.steps)])
+                                  steps=[a + b for a, b in zip(targets.steps, again.steps)],
+                                  kl_reference=targets.kl_reference)
                 z = torch.cat([b.z for b in rejoin] + [targets.z])
                 deltas = _joined(deltas, self._update(rows, replay, z, projectors, stats, protected, self.memory,
                                                       progress)[0])

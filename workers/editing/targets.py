@@ -68,6 +68,7 @@ class Targets:
     z: torch.Tensor          # (n, d_model), last edited layer's output at the subject, with the shift
     nll: list[float]         # final mean target NLL
     steps: list[int]         # optimisation steps each request took
+    kl_reference: torch.Tensor  # (n, d_model) E_p0[W_v] at each KL row: the distribution the KL term keeps
 
 
 def _context_inputs(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], with_targets: bool):
@@ -133,8 +134,11 @@ class _Groups:
 
 def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
                      contexts: Sequence[str], config: EditConfig,
-                     progress: Callable[[str, int, int], None] | None = None) -> Targets:
-    """Optimise the shifts of all ``requests`` together (see module docstring)."""
+                     progress: Callable[[str, int, int], None] | None = None,
+                     kl_reference: torch.Tensor | None = None) -> Targets:
+    """Optimise the shifts of all ``requests`` together (see module docstring). The KL term keeps
+    the model's own distribution at the start, or ``kl_reference`` (an earlier result's, so a
+    retarget round on the edited model still holds the unedited one)."""
     layer = config.layers[-1]
     n = len(requests)
     n_ctx = len(contexts)
@@ -187,7 +191,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
     # Per request: E_p0[W_v] under the unedited distribution p0 at its KL row (set at step 0).
-    kl_reference = torch.zeros_like(value0)
+    fixed_reference = kl_reference is not None
+    kl_reference = kl_reference.clone() if fixed_reference else torch.zeros_like(value0)
     token_nll = torch.zeros(len(rows.loss_row), device=device)
     for step in range(config.v_max_steps):
         # Only the rows of requests still optimising are replayed, and the LM head (the dominant
@@ -223,7 +228,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             nll, nll_grad = target_nll(read.detach()[: len(pos)], rows.loss_label[pos], moments[: len(pos)],
                                        head_weight, head_bias)
             kl_moments = moments[len(pos):]
-            if step == 0:
+            if step == 0 and not fixed_reference:  # every request is active at step 0
                 kl_reference[kl] = kl_moments.mean
             token_nll[pos] = nll
             if not last:
@@ -270,7 +275,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
                                             full_weight, head_bias)[0]
     if low:
         nll = request_nll(token_nll)
-    return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps)
+    return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps,
+                   kl_reference=kl_reference)
 
 
 def optimise_targets_loop(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
@@ -280,4 +286,5 @@ def optimise_targets_loop(model: nn.Module, tokenizer, adapter: FamilyAdapter, r
     return Targets(
         shift=torch.cat([p.shift for p in parts]), z=torch.cat([p.z for p in parts]),
         nll=[x for p in parts for x in p.nll], steps=[x for p in parts for x in p.steps],
+        kl_reference=torch.cat([p.kl_reference for p in parts]),
     )
