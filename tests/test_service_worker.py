@@ -155,7 +155,8 @@ def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, 
     ("targets", {"earlier_edits": "targets"}, 3),
     ("repair", {"repair_limit": 1, "repair_margin": 1e9}, 2),
     ("repair-batch-targets", {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"}, 3),
-    ("prompt-memory", {"prompt_memory_weight": 1.0}, 1)])
+    ("prompt-memory", {"prompt_memory_weight": 1.0}, 1),
+    ("retarget", {"retarget_rounds": 1}, 2)])
 def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worker(parts, name, options, columns):
     """With ``earlier_edits="targets"`` the stored requests and target values rejoin each later
     update; with ``repair_limit`` the least sure of them are solved back after it; with
@@ -176,8 +177,9 @@ def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worke
         for key in ("U", "V", "K"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
     # With targets each later batch solved for the earlier requests too, with repair for one of
-    # them after it (and the batch's own again with repair_batch="targets"): one factor column per
-    # request and pass; the prompt memory only constrains.
+    # them after it (and the batch's own again with repair_batch="targets"); a retarget round
+    # solves the batch's request a second time: one factor column per request and pass; the
+    # prompt memory only constrains.
     rank = load_file(warm_store / path)["U"].shape[1]
     assert rank == columns * FAST_ENGINE["update_rounds"]
 
