@@ -160,7 +160,8 @@ def test_a_fresh_worker_materialises_the_chain_and_continues_identically(chain, 
 def test_earlier_edits_by_target_or_prompt_continue_identically_in_a_fresh_worker(parts, name, options, columns):
     """With ``earlier_edits="targets"`` the stored requests and target values rejoin each later
     update; with ``repair_limit`` the least sure of them are solved back after it; with
-    ``prompt_memory_weight`` the stored requests' prompts are replayed into K_p: a worker
+    ``prompt_memory_weight`` the stored requests' prompts are replayed into K_p; with
+    ``retarget_rounds`` each batch's targets are found again on the model it edited: a worker
     rebuilding the chain from the store computes the same next checkpoint."""
     warm_store, fresh_store = parts["root"] / f"store-{name}", parts["root"] / f"store-{name}-copy"
     warm = _executor(parts, warm_store)
