@@ -30,7 +30,7 @@ from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, paragraph_starts,
                                                   params_digest)
-from editfleet.workers.editing.targets import Targets, context_rows, optimise_targets, resolve_target_dtype
+from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
 from editfleet.workers.models.forward import context_length, model_device
@@ -294,9 +294,9 @@ class Editor:
                                          kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
-                targets = Targets(shift=targets.shift, z=again.z, nll=again.nll,
-                                  steps=[a + b for a, b in zip(targets.steps, again.steps)],
-                                  kl_reference=targets.kl_reference)
+                # The first round's shift and KL reference stay; z is what the update and the store use.
+                targets = dataclasses.replace(targets, z=again.z, nll=again.nll,
+                                              steps=[a + b for a, b in zip(targets.steps, again.steps)])
                 z = torch.cat([b.z for b in rejoin] + [targets.z])
                 deltas = _joined(deltas, self._update(rows, replay, z, projectors, stats, protected, self.memory,
                                                       progress)[0])

@@ -190,7 +190,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     kl_group = groups.group[kl_rows]
     active = torch.ones(n, dtype=torch.bool, device=device)
     steps = [0] * n
-    # Per request: E_p0[W_v] under the unedited distribution p0 at its KL row (set at step 0).
+    # Per request: E_p0[W_v] under the unedited distribution p0 at its KL row (set at step 0
+    # unless given).
     fixed_reference = kl_reference is not None
     kl_reference = kl_reference.clone() if fixed_reference else torch.zeros_like(value0)
     token_nll = torch.zeros(len(rows.loss_row), device=device)
