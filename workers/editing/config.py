@@ -82,7 +82,9 @@ class EditConfig:
             the loop early. Cost: one target optimisation and one update per round. One zsRE
             batch of 100 on gemma3 with 1: efficacy 0.989 instead of 0.787, generalization 0.763
             instead of 0.514, at perplexity +2.9% instead of +1.5% and fluency -8.5% instead of
-            -2.2% (docs/benchmarks.md, thirty-third session), hence opt-in.
+            -2.2%; 500 gemma3 CounterFact edits: generalization 0.812 instead of 0.716, but
+            perplexity +18.8% instead of +9.6% and specificity -0.106 instead of -0.052
+            (docs/benchmarks.md, thirty-third and thirty-fourth sessions), hence opt-in.
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
