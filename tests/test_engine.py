@@ -192,7 +192,8 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("prefix_tokens", 0), ("nullspace_threshold", -1e-2), ("alpha", -1.0),
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
                                           ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5),
-                                          ("repair_batch", "all"), ("retarget_rounds", -1)])
+                                          ("repair_batch", "all"), ("retarget_rounds", -1),
+                                          ("retarget_clamp_norm_factor", 0.0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -595,6 +596,22 @@ def test_retarget_rounds_solve_for_targets_found_on_the_edited_model(tmp_path, c
         weights[rounds] = projection_weights(held)
     for i, w in weights[0].items():
         assert torch.equal(weights[2][i], w), i
+
+
+def test_retarget_clamp_bounds_the_rounds_shift(tmp_path, corpus):
+    """The round's shift is clamped by ``retarget_clamp_norm_factor``: near zero, the round asks
+    for the values the first update left (its new targets are where the edited model is), while
+    the default clamp asks for more."""
+    first = make_editor(tmp_path, corpus, "gemma3", update_rounds=1)
+    first.apply(REQUESTS[:3])
+    left = value_at_subject(first, REQUESTS[:3])
+    moved = {}
+    for clamp in (None, 1e-6):
+        editor = make_editor(tmp_path, corpus, "gemma3", update_rounds=1, retarget_rounds=1,
+                             retarget_clamp_norm_factor=clamp)
+        z = editor.apply(REQUESTS[:3]).z
+        moved[clamp] = float(((z - left).norm(dim=-1) / left.norm(dim=-1)).max())
+    assert moved[1e-6] < 1e-4 < moved[None], moved
 
 
 def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_path, corpus):

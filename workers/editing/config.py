@@ -85,6 +85,11 @@ class EditConfig:
             -2.2%; 500 gemma3 CounterFact edits: generalization 0.812 instead of 0.716, but
             perplexity +18.8% instead of +9.6% and specificity -0.106 instead of -0.052
             (docs/benchmarks.md, thirty-third and thirty-fourth sessions), hence opt-in.
+        retarget_clamp_norm_factor: the clamp of a retarget round's shift, as a fraction of the
+            value's norm on the edited model (None: ``clamp_norm_factor``). The first shift sits at
+            the clamp for every gemma3 CounterFact request, and so does the round's for nearly
+            every request it moves, even one a single step holds: the round adds a second push of
+            the full size on top of the first (docs/benchmarks.md, thirty-fifth session).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
@@ -169,6 +174,7 @@ class EditConfig:
     sequential_memory: bool = True
     earlier_edits: Literal["keys", "targets"] = "keys"
     retarget_rounds: int = 0
+    retarget_clamp_norm_factor: float | None = None
     repair_limit: int = 0
     repair_margin: float = 1.0
     repair_batch: Literal["keys", "targets"] = "keys"
@@ -193,6 +199,9 @@ class EditConfig:
             raise ValueError(f"layers must be non-empty, increasing and unique, got {self.layers!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
+        if self.retarget_clamp_norm_factor is not None and self.retarget_clamp_norm_factor <= 0:
+            raise ValueError(f"retarget_clamp_norm_factor must be positive (or None: clamp_norm_factor), "
+                             f"got {self.retarget_clamp_norm_factor}")
         if self.spectral_cap is not None and self.spectral_cap <= 0:
             raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
         for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",

@@ -288,9 +288,10 @@ class Editor:
             replay = SubjectReplay(model, adapter, rows, cfg.layers)
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
+            again_cfg = cfg.replace(clamp_norm_factor=cfg.retarget_clamp_norm_factor or cfg.clamp_norm_factor)
             for _ in range(cfg.retarget_rounds):
                 # The KL term keeps the distribution before the batch, not the one the update left.
-                again = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress,
+                again = optimise_targets(model, tok, adapter, requests, self.contexts, again_cfg, progress,
                                          kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
