@@ -89,10 +89,10 @@ class EditConfig:
             value's norm on the edited model (None: ``clamp_norm_factor``). The first shift sits at
             the clamp for every gemma3 CounterFact request, and so does the round's for every
             request it moves (30 edits probed), even one a single step holds: the round adds a
-            second push of the full size on top of the first. At 0.375, 500 gemma3 CounterFact edits keep the
-            full round's efficacy and generalization (0.996, 0.816) at specificity -0.094
-            instead of -0.106 and perplexity +15.2% instead of +18.8% (docs/benchmarks.md,
-            thirty-fifth session).
+            second push of the full size on top of the first. At 0.375, 500 gemma3 CounterFact
+            edits keep the full round's efficacy and generalization (0.996, 0.816) at
+            specificity -0.094 instead of -0.106 and perplexity +15.2% instead of +18.8%
+            (docs/benchmarks.md, thirty-fifth session).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
