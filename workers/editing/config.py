@@ -202,11 +202,9 @@ class EditConfig:
             raise ValueError(f"layers must be non-empty, increasing and unique, got {self.layers!r}")
         if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
             raise ValueError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy}")
-        if self.retarget_clamp_norm_factor is not None and self.retarget_clamp_norm_factor <= 0:
-            raise ValueError(f"retarget_clamp_norm_factor must be positive (or None: clamp_norm_factor), "
-                             f"got {self.retarget_clamp_norm_factor}")
-        if self.spectral_cap is not None and self.spectral_cap <= 0:
-            raise ValueError(f"spectral_cap must be positive (or None: off), got {self.spectral_cap}")
+        for name, unset in (("spectral_cap", "off"), ("retarget_clamp_norm_factor", "clamp_norm_factor")):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None: {unset}), got {getattr(self, name)}")
         for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",
                      "v_weight_decay", "v_loss_threshold", "n_prefixes", "nullspace_threshold", "alpha",
                      "mom2_update_weight", "protect_starts", "retarget_rounds", "repair_limit", "repair_margin"):
