@@ -91,8 +91,10 @@ class EditConfig:
             request it moves (30 edits probed), even one a single step holds: the round adds a
             second push of the full size on top of the first. At 0.375, 500 gemma3 CounterFact
             edits keep the full round's efficacy and generalization (0.996, 0.816) at
-            specificity -0.094 instead of -0.106 and perplexity +15.2% instead of +18.8%
-            (docs/benchmarks.md, thirty-fifth session).
+            specificity -0.094 instead of -0.106 and perplexity +15.2% instead of +18.8%; at
+            0.2, generalization 0.784 at +12.7%. On records 500-999 and on seed 1 the 0.375
+            round reaches 0.790 and 0.814 at +10.7% and +17.9% (docs/benchmarks.md,
+            thirty-fifth and thirty-sixth sessions).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
