@@ -95,11 +95,6 @@ class EditConfig:
             0.2, generalization 0.784 at +12.7%. On records 500-999 and on seed 1 the 0.375
             round reaches 0.790 and 0.814 at +10.7% and +17.9% (docs/benchmarks.md,
             thirty-fifth and thirty-sixth sessions).
-        retarget_clamp_origin: where a retarget round's clamp is centred. ``edited``: on the value
-            the edited model holds, so the round's shift adds to the first (up to the sum of both
-            clamps). ``unedited``: on the value the first shift added to (before the batch), as a
-            fraction of its norm, so the round may redirect the first shift but the new target
-            stays within ``retarget_clamp_norm_factor`` of the unedited value in all.
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
@@ -185,7 +180,6 @@ class EditConfig:
     earlier_edits: Literal["keys", "targets"] = "keys"
     retarget_rounds: int = 0
     retarget_clamp_norm_factor: float | None = None
-    retarget_clamp_origin: Literal["edited", "unedited"] = "edited"
     repair_limit: int = 0
     repair_margin: float = 1.0
     repair_batch: Literal["keys", "targets"] = "keys"

@@ -289,11 +289,10 @@ class Editor:
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
             again_cfg = cfg.replace(clamp_norm_factor=cfg.retarget_clamp_norm_factor or cfg.clamp_norm_factor)
-            origin = targets.base if cfg.retarget_clamp_origin == "unedited" else None  # before the batch
             for _ in range(cfg.retarget_rounds):
                 # The KL term keeps the distribution before the batch, not the one the update left.
                 again = optimise_targets(model, tok, adapter, requests, self.contexts, again_cfg, progress,
-                                         kl_reference=targets.kl_reference, origin=origin)
+                                         kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
                 # The first round's shift and KL reference stay; z is what the update and the store use.

@@ -69,8 +69,6 @@ class Targets:
     nll: list[float]         # final mean target NLL
     steps: list[int]         # optimisation steps each request took
     kl_reference: torch.Tensor  # (n, d_model) E_p0[W_v] at each KL row: the distribution the KL term keeps
-    base: torch.Tensor       # (n, d_model) what the shift adds to, whose norm the clamp is a fraction of:
-                             # the projection output before a post-projection norm, else the layer output
 
 
 def _context_inputs(tokenizer, requests: Sequence[EditRequest], contexts: Sequence[str], with_targets: bool):
@@ -137,14 +135,10 @@ class _Groups:
 def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
                      contexts: Sequence[str], config: EditConfig,
                      progress: Callable[[str, int, int], None] | None = None,
-                     kl_reference: torch.Tensor | None = None,
-                     origin: torch.Tensor | None = None) -> Targets:
+                     kl_reference: torch.Tensor | None = None) -> Targets:
     """Optimise the shifts of all ``requests`` together (see module docstring). The KL term keeps
     the model's own distribution at the start, or ``kl_reference`` (an earlier result's, so a
-    retarget round on the edited model still holds the unedited one). The clamp bounds the shift
-    as a fraction of its ``base``'s norm, or, given ``origin`` (an earlier result's ``base``, on the
-    model before an edit), bounds the distance of base plus shift from ``origin`` as that fraction
-    of ``origin``'s norm."""
+    retarget round on the edited model still holds the unedited one)."""
     layer = config.layers[-1]
     n = len(requests)
     n_ctx = len(contexts)
@@ -165,12 +159,8 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
             mine = bare[groups.group[bare] == g]
             h = groups.runners[g].run(end=layer)
             h0[mine // n_ctx] = h[groups.local[mine], groups.subject_slot[mine]]
-    base = value0 if adapter.post_norm else h0
-    ref_norm = base.norm(dim=-1)
+    ref_norm = (value0 if adapter.post_norm else h0).norm(dim=-1)
     final_norm = adapter.final_norm_module(model)
-    # The clamp's ball: centred on the base here (a zero shift) or on ``origin``.
-    centre = torch.zeros_like(base) if origin is None else origin - base
-    limit = config.clamp_norm_factor * (ref_norm if origin is None else origin.norm(dim=-1))
 
     shift = torch.zeros(n, value0.shape[-1], requires_grad=True, device=device)
     opt = torch.optim.Adam([shift], lr=config.v_lr)
@@ -262,10 +252,10 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         opt.step()
         with torch.no_grad():
             shift[~active] = before[~active]
-            away = shift - centre
-            norms = away.norm(dim=-1)
+            limit = config.clamp_norm_factor * ref_norm
+            norms = shift.norm(dim=-1)
             over = norms > limit
-            shift[over] = centre[over] + away[over] * (limit[over] / norms[over])[:, None]
+            shift[over] *= (limit[over] / norms[over])[:, None]
 
     z = torch.empty_like(value0)
     token_nll = torch.zeros(len(rows.loss_row), device=device)
@@ -287,7 +277,7 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
     if low:
         nll = request_nll(token_nll)
     return Targets(shift=shift.detach(), z=z.detach(), nll=nll.detach().tolist(), steps=steps,
-                   kl_reference=kl_reference, base=base)
+                   kl_reference=kl_reference)
 
 
 def optimise_targets_loop(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
@@ -297,5 +287,5 @@ def optimise_targets_loop(model: nn.Module, tokenizer, adapter: FamilyAdapter, r
     return Targets(
         shift=torch.cat([p.shift for p in parts]), z=torch.cat([p.z for p in parts]),
         nll=[x for p in parts for x in p.nll], steps=[x for p in parts for x in p.steps],
-        kl_reference=torch.cat([p.kl_reference for p in parts]), base=torch.cat([p.base for p in parts]),
+        kl_reference=torch.cat([p.kl_reference for p in parts]),
     )
