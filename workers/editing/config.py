@@ -94,9 +94,9 @@ class EditConfig:
             specificity -0.094 instead of -0.106 and perplexity +15.2% instead of +18.8%; at
             0.2, generalization 0.784 at +12.7%. On records 500-999 and on seed 1 the 0.375
             round reaches 0.790 and 0.814 at +10.7% and +17.9%, the 0.2 round 0.782 and 0.764
-            at +8.8% and +17.1% (seed 2: 0.798 at +11.2%); 500 zsRE edits with the 0.375 round (protected questions,
-            earlier edits by target): efficacy 0.969 at +13.1% (docs/benchmarks.md,
-            thirty-fifth to thirty-seventh sessions).
+            at +8.8% and +17.1% (seed 2: 0.798 at +11.2%); 500 zsRE edits with the 0.375
+            round (protected questions, earlier edits by target): efficacy 0.969 at +13.1%
+            (docs/benchmarks.md, thirty-fifth to thirty-seventh sessions).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
