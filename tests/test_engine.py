@@ -545,9 +545,10 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
 @pytest.mark.parametrize("options", [{}, {"earlier_edits": "targets"}, {"repair_limit": 1, "repair_margin": 1e9},
                                      {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"},
                                      {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5},
-                                     {"retarget_rounds": 1, "update_rounds": 1}],
+                                     {"retarget_rounds": 1, "update_rounds": 1},
+                                     {"retarget_rounds": 1, "update_rounds": 1, "retarget_prefixes": "fresh"}],
                          ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory",
-                              "retarget"])
+                              "retarget", "retarget-fresh"])
 def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
     editor = make_editor(tmp_path, corpus, **options)
     editor.apply(REQUESTS[0:1])
@@ -612,6 +613,22 @@ def test_retarget_clamp_bounds_the_rounds_shift(tmp_path, corpus):
         z = editor.apply(REQUESTS[:3]).z
         moved[clamp] = float(((z - left).norm(dim=-1) / left.norm(dim=-1)).max())
     assert moved[1e-6] < 1e-4 < moved[None], moved
+
+
+def test_fresh_retarget_prefixes_leave_the_first_optimisation_alone(tmp_path, corpus):
+    """``retarget_prefixes="fresh"`` gives the round as many prefixes again, drawn after the first
+    ones: the first optimisation's prefixes are those of ``same``, the round's differ from them,
+    and the round's targets move with them."""
+    editors, z = {}, {}
+    for mode in ("same", "fresh"):
+        editors[mode] = make_editor(tmp_path, corpus, "gemma3", update_rounds=1, retarget_rounds=1,
+                                    retarget_prefixes=mode)
+        z[mode] = editors[mode].apply(REQUESTS[:3]).z
+    same, fresh = editors["same"], editors["fresh"]
+    assert same.round_contexts is None
+    assert fresh.contexts == same.contexts and len(fresh.round_contexts) == len(same.contexts) == 3
+    assert fresh.round_contexts[0] == "{}" and not set(fresh.round_contexts[1:]) & set(same.contexts)
+    assert float((z["fresh"] - z["same"]).norm(dim=-1).min()) > 1e-4
 
 
 def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_path, corpus):

@@ -97,6 +97,10 @@ class EditConfig:
             at +8.8% and +17.1% (seed 2: 0.798 at +11.2%); 500 zsRE edits with the 0.375
             round (protected questions, earlier edits by target): efficacy 0.969 at +13.1%
             (docs/benchmarks.md, thirty-fifth to thirty-seventh sessions).
+        retarget_prefixes: the context prefixes a retarget round optimises in. ``same``: the
+            first optimisation's. ``fresh``: as many others, sampled after them from the same
+            seed (so the first optimisation keeps its prefixes), so the round tests the edit
+            in contexts it was not made in, as a paraphrase does.
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
@@ -182,6 +186,7 @@ class EditConfig:
     earlier_edits: Literal["keys", "targets"] = "keys"
     retarget_rounds: int = 0
     retarget_clamp_norm_factor: float | None = None
+    retarget_prefixes: Literal["same", "fresh"] = "same"
     repair_limit: int = 0
     repair_margin: float = 1.0
     repair_batch: Literal["keys", "targets"] = "keys"

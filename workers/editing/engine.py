@@ -119,6 +119,7 @@ class Editor:
         self.memory = {i: torch.zeros(w.shape[1], w.shape[1], device=self.device) for i, w in self._base.items()}
         self.history: list[StoredBatch] = []
         self.contexts: list[str] | None = None
+        self.round_contexts: list[str] | None = None  # retarget_prefixes="fresh" only
         self._stats: dict[int, LayerStats] | None = None
         self._projectors: dict[int, torch.Tensor] | None = None
         self._protected: dict[int, torch.Tensor] | None = None
@@ -254,8 +255,14 @@ class Editor:
         a checkpoint gets the same ones) and then kept in the editing state."""
         if self.contexts is None:
             cfg = self.config
+            fresh = cfg.retarget_prefixes == "fresh"
             with self._base_weights():
-                self.contexts = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
+                made = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes * (2 if fresh else 1),
+                                         cfg.prefix_tokens, cfg.seed)
+            # One generator draws the first optimisation's prefixes first: they do not depend on
+            # whether the round gets its own.
+            self.contexts = made[:1 + cfg.n_prefixes]
+            self.round_contexts = made[:1] + made[1 + cfg.n_prefixes:] if fresh else None
         return self.contexts
 
     # -- editing --------------------------------------------------------------------------------
@@ -291,8 +298,8 @@ class Editor:
             again_cfg = cfg.replace(clamp_norm_factor=cfg.retarget_clamp_norm_factor or cfg.clamp_norm_factor)
             for _ in range(cfg.retarget_rounds):
                 # The KL term keeps the distribution before the batch, not the one the update left.
-                again = optimise_targets(model, tok, adapter, requests, self.contexts, again_cfg, progress,
-                                         kl_reference=targets.kl_reference)
+                again = optimise_targets(model, tok, adapter, requests, self.round_contexts or self.contexts,
+                                         again_cfg, progress, kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
                 # The first round's shift and KL reference stay; z is what the update and the store use.
@@ -578,6 +585,7 @@ class Editor:
                                "requests": [dataclasses.asdict(r) for r in batch.requests] if batch.requests else None})
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "state.safetensors")
         meta = {"engine_version": ENGINE_VERSION, "config": self.config.to_dict(), "contexts": self.contexts,
+                "round_contexts": self.round_contexts,
                 "batches": len(self.history), "batch_requests": batch_meta,
                 "protected_prompts": self.protect_digest}
         (folder / "state.json").write_text(json.dumps(meta, indent=2))
@@ -597,6 +605,7 @@ class Editor:
             raise ValueError(f"the state was written with protected prompts {meta.get('protected_prompts')}, "
                              f"this editor has {editor.protect_digest}: pass the same --protect files")
         editor.contexts = meta["contexts"]
+        editor.round_contexts = meta.get("round_contexts")
         tensors = load_file(folder / "state.safetensors", device=str(editor.device))
         for b in range(meta["batches"]):
             deltas = {i: (tensors[f"batch{b}.{i}.U"], tensors[f"batch{b}.{i}.V"]) for i in editor.config.layers}
