@@ -100,7 +100,11 @@ class EditConfig:
         retarget_prefixes: the context prefixes a retarget round optimises in. ``same``: the
             first optimisation's. ``fresh``: as many others, sampled after them from the same
             seed (so the first optimisation keeps its prefixes), so the round tests the edit
-            in contexts it was not made in, as a paraphrase does.
+            in contexts it was not made in, as a paraphrase does. With the 0.2 round over 500
+            gemma3 CounterFact edits, on four samples (seeds 0-2 on records 0-499, records
+            500-999): generalization +0.020 on average (0.802 against 0.782; seed 2: 0.830),
+            efficacy within 0.008, perplexity +0.4 points on average (held-out +0.5), within the
+            seed's spread (docs/benchmarks.md, thirty-eighth session).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
