@@ -546,7 +546,7 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
                                      {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"},
                                      {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5},
                                      {"retarget_rounds": 1, "update_rounds": 1},
-                                     {"retarget_rounds": 1, "update_rounds": 1, "retarget_prefixes": "fresh"}],
+                                     {"retarget_rounds": 2, "update_rounds": 1, "retarget_prefixes": "fresh"}],
                          ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory",
                               "retarget", "retarget-fresh"])
 def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
@@ -629,6 +629,19 @@ def test_fresh_retarget_prefixes_leave_the_first_optimisation_alone(tmp_path, co
     assert fresh.contexts == same.contexts and len(fresh.round_contexts) == len(same.contexts) == 3
     assert fresh.round_contexts[0] == "{}" and not set(fresh.round_contexts[1:]) & set(same.contexts)
     assert float((z["fresh"] - z["same"]).norm(dim=-1).min()) > 1e-4
+
+
+def test_each_fresh_retarget_round_draws_its_own_prefixes(tmp_path, corpus):
+    """With two rounds each gets its own block of prefixes; the first round's are those a single
+    round draws (one generator, drawn in turn), and the second's are new."""
+    one = make_editor(tmp_path, corpus, "gemma3", retarget_rounds=1, retarget_prefixes="fresh")
+    two = make_editor(tmp_path, corpus, "gemma3", retarget_rounds=2, retarget_prefixes="fresh")
+    one.context_templates(), two.context_templates()
+    assert two.contexts == one.contexts
+    assert two._round_prefixes(0) == one._round_prefixes(0) == one.round_contexts
+    second = two._round_prefixes(1)
+    assert len(second) == len(one.contexts) and second[0] == "{}"
+    assert not set(second[1:]) & set(one.contexts + one.round_contexts)
 
 
 def test_earlier_edits_by_target_are_pulled_back_where_keys_let_them_drift(tmp_path, corpus):

@@ -256,14 +256,23 @@ class Editor:
         if self.contexts is None:
             cfg = self.config
             fresh = cfg.retarget_prefixes == "fresh"
+            rounds = cfg.retarget_rounds if fresh else 0
             with self._base_weights():
-                made = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes * (2 if fresh else 1),
+                made = generate_contexts(self.model, self.tokenizer, cfg.n_prefixes * (1 + rounds),
                                          cfg.prefix_tokens, cfg.seed)
-            # One generator draws the first optimisation's prefixes first: they do not depend on
-            # whether the round gets its own.
+            # One generator draws the first optimisation's prefixes first, then each round's in
+            # turn: none depends on how many rounds follow it.
             self.contexts = made[:1 + cfg.n_prefixes]
             self.round_contexts = made[:1] + made[1 + cfg.n_prefixes:] if fresh else None
         return self.contexts
+
+    def _round_prefixes(self, round_: int) -> list[str]:
+        """The prefixes retarget round ``round_`` (from 0) optimises in: the first optimisation's,
+        or with ``retarget_prefixes="fresh"`` the bare prompt and that round's own block."""
+        if self.round_contexts is None:
+            return self.contexts
+        n = self.config.n_prefixes
+        return self.round_contexts[:1] + self.round_contexts[1 + round_ * n:1 + (round_ + 1) * n]
 
     # -- editing --------------------------------------------------------------------------------
 
@@ -296,9 +305,9 @@ class Editor:
             z = torch.cat([b.z for b in rejoin] + [targets.z])
             deltas, start_values = self._update(rows, replay, z, projectors, stats, protected, self.memory, progress)
             again_cfg = cfg.replace(clamp_norm_factor=cfg.retarget_clamp_norm_factor or cfg.clamp_norm_factor)
-            for _ in range(cfg.retarget_rounds):
+            for round_ in range(cfg.retarget_rounds):
                 # The KL term keeps the distribution before the batch, not the one the update left.
-                again = optimise_targets(model, tok, adapter, requests, self.round_contexts or self.contexts,
+                again = optimise_targets(model, tok, adapter, requests, self._round_prefixes(round_),
                                          again_cfg, progress, kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
