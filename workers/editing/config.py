@@ -98,9 +98,10 @@ class EditConfig:
             round (protected questions, earlier edits by target): efficacy 0.969 at +13.1%
             (docs/benchmarks.md, thirty-fifth to thirty-seventh sessions).
         retarget_prefixes: the context prefixes a retarget round optimises in. ``same``: the
-            first optimisation's. ``fresh``: as many others, sampled after them from the same
-            seed (so the first optimisation keeps its prefixes), so the round tests the edit
-            in contexts it was not made in, as a paraphrase does. With the 0.2 round over 500
+            first optimisation's. ``fresh``: each round as many others of its own, sampled after
+            them from the same seed (so the first optimisation keeps its prefixes, and a round
+            its own whatever follows it), so the round tests the edit in contexts it was not
+            made in, as a paraphrase does. With the 0.2 round over 500
             gemma3 CounterFact edits, on four samples (seeds 0-2 on records 0-499, records
             500-999): generalization +0.020 on average (0.802 against 0.782; seed 2: 0.830),
             efficacy within 0.008, perplexity +0.4 points on average (held-out +0.5), within the
