@@ -102,10 +102,14 @@ class EditConfig:
             them from the same seed (so the first optimisation keeps its prefixes, and a round
             its own whatever follows it), so the round tests the edit in contexts it was not
             made in, as a paraphrase does. With the 0.2 round over 500
-            gemma3 CounterFact edits, on four samples (seeds 0-2 on records 0-499, records
-            500-999): generalization +0.020 on average (0.802 against 0.782; seed 2: 0.830),
-            efficacy within 0.008, perplexity +0.4 points on average (held-out +0.5), within the
-            seed's spread (docs/benchmarks.md, thirty-eighth session).
+            gemma3 CounterFact edits, on five samples (seeds 0-3 on records 0-499, records
+            500-999): generalization +0.012 on average (0.795 against 0.782; from -0.018 on seed
+            3 to +0.032 on seed 2, which reaches 0.830), efficacy within 0.008, perplexity +0.3
+            points on average (held-out +0.7): about the price per point of generalization a
+            larger round clamp pays, and less than the seeds' spread. Two rounds at half the
+            clamp land where one round at three quarters of it does. On 500 zsRE edits (0.375
+            round): efficacy the same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth
+            and thirty-ninth sessions).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
