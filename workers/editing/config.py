@@ -107,7 +107,7 @@ class EditConfig:
             3 to +0.032 on seed 2, which reaches 0.830), efficacy within 0.008, perplexity +0.3
             points on average (held-out +0.7): about the price per point of generalization a
             larger round clamp pays, and less than the seeds' spread. Two rounds at half the
-            clamp land where one round at three quarters of it does. On 500 zsRE edits (0.375
+            clamp land where one round at three quarters of it does (seed 2). On 500 zsRE edits (0.375
             round): efficacy the same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth
             and thirty-ninth sessions).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
