@@ -16,8 +16,7 @@ from editfleet.workers.editing.engine import Editor
 from editfleet.workers.editing.requests import EditRequest, EditValidationError
 from editfleet.workers.editing import runner as runner_module
 from editfleet.workers.editing.runner import LayerRunner, SubjectReplay, SuffixRunner, add_at_projection, capture_projection
-from editfleet.workers.editing.statistics import (CorpusText, paragraph_starts, params_digest, prediction_fisher,
-                                                  token_sequences)
+from editfleet.workers.editing.statistics import CorpusText, paragraph_starts, params_digest, token_sequences
 from editfleet.workers.editing import targets as targets_module
 from editfleet.workers.editing.targets import context_rows, optimise_targets, optimise_targets_loop
 from editfleet.workers.models.tiny import tiny_model
@@ -194,8 +193,7 @@ def test_post_norm_iterations_bring_gemma_values_to_their_targets(tmp_path, corp
                                           ("mom2_update_weight", -1.0), ("protect_starts", -1),
                                           ("protect_start_words", 0), ("repair_limit", -1), ("repair_margin", -0.5),
                                           ("repair_batch", "all"), ("retarget_rounds", -1),
-                                          ("retarget_clamp_norm_factor", 0.0), ("harm_directions", -1),
-                                          ("harm_tokens", 0)])
+                                          ("retarget_clamp_norm_factor", 0.0)])
 def test_bad_settings_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         default_config("gemma3", "alphaedit", 6, **{field: value})
@@ -402,57 +400,6 @@ def test_spectral_cap_clips_the_last_layer_and_keeps_the_null_space(tmp_path, co
         torch.testing.assert_close(projection_weights(editor)[i], w, rtol=1e-5, atol=1e-6)
 
 
-def _prediction_kl(editor: Editor, corpus: Path, direction: torch.Tensor) -> float:
-    """Mean KL(base || perturbed) of the next-token predictions on the corpus when ``direction``
-    is added to the last edited layer's projection output at every token."""
-    seqs = torch.tensor(list(token_sequences(editor.tokenizer, [corpus], 64, 256)))
-    with torch.no_grad():
-        base = editor.model(input_ids=seqs).logits.log_softmax(-1)
-        with add_at_projection(editor.model, editor.adapter, editor.config.layers[-1], lambda out: out + direction):
-            moved = editor.model(input_ids=seqs).logits.log_softmax(-1)
-    return float((base.exp() * (base - moved)).sum(-1).mean())
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_harm_directions_are_those_general_predictions_read_most(tmp_path, corpus, family):
-    """The harm basis is orthonormal and spans the top eigenvectors of the prediction Fisher; the
-    same output shift moves the corpus's predictions more along the top one than along the least;
-    the basis is cached on disk like the statistics."""
-    stages = []
-    editor = make_editor(tmp_path, corpus, family, harm_directions=4, harm_tokens=2048)
-    basis = editor.harm_basis(lambda s, c, t: stages.append(s))
-    assert "fisher" in stages and basis.shape[1] == 4
-    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
-    layer = editor.config.layers[-1]
-    fisher = prediction_fisher(editor.model, editor.tokenizer, editor.adapter, layer, [CorpusText(corpus)], 2048, 64)
-    vectors = torch.linalg.eigh(fisher.moment.double())[1].float()
-    assert torch.allclose(basis @ basis.T, vectors[:, -4:] @ vectors[:, -4:].T, atol=1e-4)
-    scale = 0.05 * float(editor.adapter.weight(editor.model, layer).norm(dim=1).mean())
-    most, least = (_prediction_kl(editor, corpus, scale * vectors[:, i]) for i in (-1, 0))
-    assert most > 4 * least, (most, least)
-    stages.clear()
-    again = make_editor(tmp_path, corpus, family, harm_directions=4, harm_tokens=2048).harm_basis(
-        lambda s, c, t: stages.append(s))
-    assert stages == [] and torch.equal(again, basis)
-
-
-def test_target_shifts_avoid_the_harm_directions(tmp_path, corpus):
-    """With ``harm_directions`` the shifts (the first optimisation's and a retarget round's) have
-    no component along the harm basis, and the batch still lands."""
-    editor = make_editor(tmp_path, corpus, "gemma3", harm_directions=4, harm_tokens=256, retarget_rounds=1)
-    basis = editor.harm_basis()
-    contexts = editor.context_templates()
-    free = optimise_targets(editor.model, editor.tokenizer, editor.adapter, REQUESTS, contexts, editor.config).shift
-    kept = optimise_targets(editor.model, editor.tokenizer, editor.adapter, REQUESTS, contexts, editor.config,
-                            harm=basis).shift
-    along = lambda shift: float(((shift @ basis).norm(dim=-1) / shift.norm(dim=-1)).max())  # noqa: E731
-    assert along(free) > 0.05 and along(kept) < 1e-5, (along(free), along(kept))
-    nll_before = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
-    editor.apply(REQUESTS)
-    nll_after = [target_nll(editor.model, editor.tokenizer, r.text, r.target_new) for r in REQUESTS]
-    assert sum(nll_after) < sum(nll_before) - 0.1, (nll_before, nll_after)
-
-
 def test_memit_moves_preserved_outputs(tmp_path, corpus):
     editor = make_editor(tmp_path, corpus, method="memit", mom2_update_weight=1.0)
     keys = preserved_keys(editor, corpus)
@@ -599,10 +546,9 @@ torch.save({i: editor.adapter.weight(model, i).detach().clone() for i in editor.
                                      {"repair_limit": 1, "repair_margin": 1e9, "repair_batch": "targets"},
                                      {"spectral_cap": 0.05}, {"prompt_memory_weight": 0.5},
                                      {"retarget_rounds": 1, "update_rounds": 1},
-                                     {"retarget_rounds": 2, "update_rounds": 1, "retarget_prefixes": "fresh"},
-                                     {"harm_directions": 4, "harm_tokens": 256}],
+                                     {"retarget_rounds": 2, "update_rounds": 1, "retarget_prefixes": "fresh"}],
                          ids=["keys", "targets", "repair", "repair-batch-targets", "spectral-cap", "prompt-memory",
-                              "retarget", "retarget-fresh", "harm"])
+                              "retarget", "retarget-fresh"])
 def test_save_load_resume_matches_one_process(tmp_path, corpus, options):
     editor = make_editor(tmp_path, corpus, **options)
     editor.apply(REQUESTS[0:1])

@@ -165,25 +165,24 @@ def run(args) -> dict[str, Any]:
     timing: dict[str, float] = {"stats_seconds": 0.0, "targets_seconds": 0.0, "update_seconds": 0.0}
     t = time.perf_counter()
     editor.projectors() if args.method == "alphaedit" else editor.statistics()
-    editor.harm_basis()
     timing["stats_seconds"] = time.perf_counter() - t
     probs, steps, gaps, tracked = [], [], [], []
     batches = [cases[i:i + args.batch] for i in range(0, len(cases), args.batch)]
     for b, batch in enumerate(batches):
         requests = [c.request for c in batch]
         if args.compare_loop and b == 0:
-            contexts, harm = editor.context_templates(), editor.harm_basis()
+            contexts = editor.context_templates()
             # One untimed batched run first: on an H200 the first optimisation of a batch this
             # size took 42 s and the same one later 12 s (a warm-up on 8 requests did not remove
             # the difference), a one-time cost that a serving worker pays once, not per batch.
             t = time.perf_counter()
-            optimise_targets(model, tok, editor.adapter, requests, contexts, editor.config, harm=harm)
+            optimise_targets(model, tok, editor.adapter, requests, contexts, editor.config)
             timing["warmup_targets_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            optimise_targets(model, tok, editor.adapter, requests, contexts, editor.config, harm=harm)
+            optimise_targets(model, tok, editor.adapter, requests, contexts, editor.config)
             batched = time.perf_counter() - t
             t = time.perf_counter()
-            optimise_targets_loop(model, tok, editor.adapter, requests, contexts, editor.config, harm=harm)
+            optimise_targets_loop(model, tok, editor.adapter, requests, contexts, editor.config)
             timing["loop_targets_seconds"] = time.perf_counter() - t
             timing["batched_targets_seconds"] = batched
             timing["batched_speedup"] = timing["loop_targets_seconds"] / batched

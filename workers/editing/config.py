@@ -110,16 +110,6 @@ class EditConfig:
             clamp land where one round at three quarters of it does (seed 2). On 500 zsRE edits (0.375
             round): efficacy the same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth
             and thirty-ninth sessions).
-        harm_directions: the target shift (and a retarget round's) is kept orthogonal to this many
-            directions of the last edited layer's projection output: those general text's
-            predictions depend on most, the top eigenvectors of the Fisher information of the
-            model's next-token distribution over the statistics corpus with respect to that output
-            (0: off, the paper). The update realises the shift with a delta that also moves the
-            outputs of general text's keys, in the shift's direction, so a shift the corpus's
-            predictions hardly read costs less perplexity for the same edit.
-        harm_tokens: corpus tokens the Fisher information is estimated from (labels sampled from
-            the base model's own predictions with a fixed seed; computed once and cached beside
-            the statistics).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
@@ -206,8 +196,6 @@ class EditConfig:
     retarget_rounds: int = 0
     retarget_clamp_norm_factor: float | None = None
     retarget_prefixes: Literal["same", "fresh"] = "same"
-    harm_directions: int = 0
-    harm_tokens: int = 4096
     repair_limit: int = 0
     repair_margin: float = 1.0
     repair_batch: Literal["keys", "targets"] = "keys"
@@ -237,12 +225,11 @@ class EditConfig:
                 raise ValueError(f"{name} must be positive (or None: {unset}), got {getattr(self, name)}")
         for name in ("memory_weight", "prompt_memory_weight", "protect_weight", "null_moment_weight", "kl_factor",
                      "v_weight_decay", "v_loss_threshold", "n_prefixes", "nullspace_threshold", "alpha",
-                     "mom2_update_weight", "protect_starts", "retarget_rounds", "repair_limit", "repair_margin",
-                     "harm_directions"):
+                     "mom2_update_weight", "protect_starts", "retarget_rounds", "repair_limit", "repair_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("v_lr", "v_max_steps", "update_rounds", "post_norm_iterations", "clamp_norm_factor", "prefix_tokens",
-                     "protect_start_words", "stats_tokens", "stats_max_length", "stats_batch_size", "harm_tokens"):
+                     "protect_start_words", "stats_tokens", "stats_max_length", "stats_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -29,7 +29,7 @@ from editfleet.workers.editing.requests import (EditRequest, EditValidationError
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
                                                   compute_second_moments, file_digest, paragraph_starts,
-                                                  params_digest, prediction_fisher)
+                                                  params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
@@ -123,7 +123,6 @@ class Editor:
         self._stats: dict[int, LayerStats] | None = None
         self._projectors: dict[int, torch.Tensor] | None = None
         self._protected: dict[int, torch.Tensor] | None = None
-        self._harm: torch.Tensor | None = None
         self.projector_info: dict[int, dict] = {}
 
     @classmethod
@@ -213,29 +212,6 @@ class Editor:
                 self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
 
-    def harm_basis(self, progress: Progress | None = None) -> torch.Tensor | None:
-        """The ``harm_directions`` directions of the last edited layer's projection output that
-        general text's predictions read most (orthonormal columns), which target shifts avoid;
-        None when off. From the Fisher information of the base model's predictions over the
-        statistics corpus (``prediction_fisher``), cached on disk keyed by the whole model's base
-        weights, the layer and the corpus."""
-        cfg = self.config
-        if cfg.harm_directions and self._harm is None:
-            layer, corpus = cfg.layers[-1], self._corpus()
-            key = StatsCache.key(kind="fisher", weights=params_digest(self.model, self.adapter, None, self._base),
-                                 layer=layer, corpus=file_digest(corpus), tokens=cfg.harm_tokens,
-                                 length=cfg.stats_max_length)
-
-            def compute(layers: list[int]) -> dict[int, LayerStats]:
-                with self._base_weights():
-                    return {layer: prediction_fisher(self.model, self.tokenizer, self.adapter, layer, corpus,
-                                                     cfg.harm_tokens, cfg.stats_max_length, progress)}
-
-            fisher = self.cache.moments({layer: key}, compute)[layer].moment
-            vectors = torch.linalg.eigh(fisher.to(torch.float64))[1]  # ascending eigenvalues
-            self._harm = vectors[:, -cfg.harm_directions:].to(torch.float32, copy=True).to(self.device)
-        return self._harm
-
     @property
     def protect_digest(self) -> str | None:
         """sha256 of the protected prompts (None without): they decide what the next batch computes."""
@@ -310,14 +286,13 @@ class Editor:
         projectors = self.projectors(progress) if alphaedit else None
         stats = self.statistics(progress) if not alphaedit or cfg.null_moment_weight > 0 else None
         protected = self.protected_moments()
-        harm = self.harm_basis(progress)
         self.context_templates()
         timings["stats_seconds"] = time.perf_counter() - t
 
         snapshot = {i: adapter.weight(model, i).detach().clone() for i in cfg.layers}
         try:
             t = time.perf_counter()
-            targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress, harm=harm)
+            targets = optimise_targets(model, tok, adapter, requests, self.contexts, cfg, progress)
             timings["targets_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             # One recording pass per length group serves the per-layer updates and the final keys:
@@ -333,7 +308,7 @@ class Editor:
             for round_ in range(cfg.retarget_rounds):
                 # The KL term keeps the distribution before the batch, not the one the update left.
                 again = optimise_targets(model, tok, adapter, requests, self._round_prefixes(round_),
-                                         again_cfg, progress, kl_reference=targets.kl_reference, harm=harm)
+                                         again_cfg, progress, kl_reference=targets.kl_reference)
                 if not any(again.steps):  # the edited model holds every target
                     break
                 # The first round's shift and KL reference stay; z is what the update and the store use.

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editfleet.workers.editing.runner import LayerRunner, add_at_projection, capture_projection
+from editfleet.workers.editing.runner import LayerRunner, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import model_device
 
@@ -86,10 +86,9 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     return digest
 
 
-def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int | None,
+def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int,
                   base_weights: dict[int, torch.Tensor]) -> str:
-    """Digest of the base parameters that keys up to ``upto_layer`` depend on (None: all of them,
-    the LM head and final norm included, on which the model's predictions depend).
+    """Digest of the base parameters that keys up to ``upto_layer`` depend on.
 
     Edited projections are hashed from their kept base copies, so the digest (and the cache key)
     of an edited model is that of its base. Parameters are hashed one by one on a thread pool
@@ -100,11 +99,11 @@ def params_digest(model: nn.Module, adapter: FamilyAdapter, upto_layer: int | No
     for name, p in model.named_parameters():
         if name.startswith(prefix):
             index = int(name[len(prefix):].split(".", 1)[0])
-            if upto_layer is not None and index > upto_layer:
+            if index > upto_layer:
                 continue
             if name == adapter.projection_name(index) + ".weight" and index in base_weights:
                 p = base_weights[index]
-        elif upto_layer is not None and ("lm_head" in name or name.startswith(adapter.final_norm)):
+        elif "lm_head" in name or name.startswith(adapter.final_norm):
             continue
         named.append((name, p))
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -236,46 +235,6 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
     print(f"[editfleet] key statistics: {count} tokens, layers {list(layers)}, "
           f"{time.monotonic() - started:.1f}s", file=sys.stderr)
     return {i: LayerStats(sums[i] / count, count) for i in layers}
-
-
-def prediction_fisher(model: nn.Module, tokenizer, adapter: FamilyAdapter, layer: int,
-                      corpus: Sequence[CorpusText], total_tokens: int, length: int,
-                      progress: Progress | None = None) -> LayerStats:
-    """E[g g^T] over the corpus tokens, g the gradient with respect to one token's output of
-    ``layer``'s projection of the sequence's next-token NLL, the labels sampled from the model's
-    own predictions (seed 0): the Fisher information of its predictions in that output. Its top
-    eigenvectors are the directions general text's predictions read most."""
-    device = model_device(model)
-    dim = adapter.weight(model, layer).shape[0]
-    total = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-    count = 0
-    generator = torch.Generator(device=device).manual_seed(0)
-    bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
-    seqs = list(token_sequences(tokenizer, corpus, length - (1 if bos is not None else 0), total_tokens))
-    if not seqs:
-        raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {length} tokens")
-    started = time.monotonic()
-    for done, seq in enumerate(seqs, 1):  # one sequence at a time: the logits span the vocabulary
-        ids = torch.tensor([([bos] if bos is not None else []) + seq], dtype=torch.long, device=device)
-        added: list[torch.Tensor] = []
-
-        def shift(out: torch.Tensor) -> torch.Tensor:
-            added.append(torch.zeros_like(out, requires_grad=True))
-            return out + added[0]
-
-        with torch.enable_grad(), add_at_projection(model, adapter, layer, shift):
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            with torch.no_grad():
-                labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
-            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
-        g = added[0].grad[0, :-1].to(torch.float32)
-        total.addmm_(g.T, g)
-        count += g.shape[0]
-        if progress:
-            progress("fisher", done, len(seqs))
-    print(f"[editfleet] prediction fisher: {count} tokens, layer {layer}, {time.monotonic() - started:.1f}s",
-          file=sys.stderr)
-    return LayerStats(total / count, count)
 
 
 def projector(moment: torch.Tensor, threshold: float, energy: float | None) -> tuple[torch.Tensor, dict]:

@@ -135,11 +135,10 @@ class _Groups:
 def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
                      contexts: Sequence[str], config: EditConfig,
                      progress: Callable[[str, int, int], None] | None = None,
-                     kl_reference: torch.Tensor | None = None, harm: torch.Tensor | None = None) -> Targets:
+                     kl_reference: torch.Tensor | None = None) -> Targets:
     """Optimise the shifts of all ``requests`` together (see module docstring). The KL term keeps
     the model's own distribution at the start, or ``kl_reference`` (an earlier result's, so a
-    retarget round on the edited model still holds the unedited one). With ``harm`` (orthonormal
-    columns, ``Editor.harm_basis``) every step is projected off those directions."""
+    retarget round on the edited model still holds the unedited one)."""
     layer = config.layers[-1]
     n = len(requests)
     n_ctx = len(contexts)
@@ -253,8 +252,6 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
         opt.step()
         with torch.no_grad():
             shift[~active] = before[~active]
-            if harm is not None:
-                shift -= (shift @ harm) @ harm.T
             limit = config.clamp_norm_factor * ref_norm
             norms = shift.norm(dim=-1)
             over = norms > limit
@@ -284,9 +281,9 @@ def optimise_targets(model: nn.Module, tokenizer, adapter: FamilyAdapter, reques
 
 
 def optimise_targets_loop(model: nn.Module, tokenizer, adapter: FamilyAdapter, requests: Sequence[EditRequest],
-                          contexts: Sequence[str], config: EditConfig, harm: torch.Tensor | None = None) -> Targets:
+                          contexts: Sequence[str], config: EditConfig) -> Targets:
     """The reference code's schedule, one request at a time (for comparison and tests)."""
-    parts = [optimise_targets(model, tokenizer, adapter, [r], contexts, config, harm=harm) for r in requests]
+    parts = [optimise_targets(model, tokenizer, adapter, [r], contexts, config) for r in requests]
     return Targets(
         shift=torch.cat([p.shift for p in parts]), z=torch.cat([p.z for p in parts]),
         nll=[x for p in parts for x in p.nll], steps=[x for p in parts for x in p.steps],
