@@ -106,7 +106,8 @@ class EditConfig:
             500-999): generalization +0.012 on average (0.795 against 0.782; from -0.018 on seed
             3 to +0.032 on seed 2, which reaches 0.830), efficacy within 0.008, perplexity +0.3
             points on average (held-out +0.7): about the price per point of generalization a
-            larger round clamp pays, and less than the seeds' spread. Two rounds at half the
+            larger round clamp pays, and less than the seeds' spread (a sixth, seed 4: +0.006 at
+            +1.4 points, held-out +0.1). Two rounds at half the
             clamp land where one round at three quarters of it does (seed 2). On 500 zsRE edits (0.375
             round): efficacy the same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth
             and thirty-ninth sessions).
