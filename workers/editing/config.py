@@ -101,16 +101,15 @@ class EditConfig:
             first optimisation's. ``fresh``: each round as many others of its own, sampled after
             them from the same seed (so the first optimisation keeps its prefixes, and a round
             its own whatever follows it), so the round tests the edit in contexts it was not
-            made in, as a paraphrase does. With the 0.2 round over 500
-            gemma3 CounterFact edits, on five samples (seeds 0-3 on records 0-499, records
-            500-999): generalization +0.012 on average (0.795 against 0.782; from -0.018 on seed
-            3 to +0.032 on seed 2, which reaches 0.830), efficacy within 0.008, perplexity +0.3
-            points on average (held-out +0.7): about the price per point of generalization a
-            larger round clamp pays, and less than the seeds' spread (a sixth, seed 4: +0.006 at
-            +1.4 points, held-out +0.1). Two rounds at half the
-            clamp land where one round at three quarters of it does (seed 2). On 500 zsRE edits (0.375
-            round): efficacy the same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth
-            and thirty-ninth sessions).
+            made in, as a paraphrase does. With the 0.2 round over 500 gemma3 CounterFact edits,
+            on six samples (seeds 0-4 on records 0-499, records 500-999): generalization +0.011
+            on average (0.794 against 0.783; from -0.018 on seed 3 to +0.032 on seed 2, which
+            reaches 0.830), efficacy within 0.012, perplexity +0.5 points on average (held-out
+            +0.6): about the price per point of generalization a larger round clamp pays, and
+            less than the seeds' spread. Two rounds at half the clamp land where one round at
+            three quarters of it does (seed 2). On 500 zsRE edits (0.375 round): efficacy the
+            same, fluency 3 points lower (docs/benchmarks.md, thirty-eighth to fortieth
+            sessions).
         repair_limit: after each batch, up to this many earlier requests are solved back to their
             stored target values (keys recomputed on the model the batch left, every other edit's
             keys in K_p, the batch's own included) and the repair's factors join the batch's. Which
