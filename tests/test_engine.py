@@ -760,6 +760,24 @@ def test_statistics_are_cached_and_reused(tmp_path, corpus):
     assert "statistics" in stages
 
 
+def test_null_space_share_is_the_kept_energy_on_the_sample_and_more_on_other_text(tmp_path, corpus):
+    """The coverage figure the bench prints: on the statistics' own text, the share of key energy
+    in the null space is the projector's kept energy; text the statistics never saw has more
+    there; and it is measured on the base weights, edits or not."""
+    editor = make_editor(tmp_path, corpus, stats_tokens=100_000, nullspace_energy=0.02)
+    editor.projectors()
+    own = editor.null_space_share(corpus.read_text())
+    other = editor.null_space_share(" ".join(str(n) for n in range(3000)))
+    for i in editor.config.layers:
+        sample = editor.projector_info[i]["kept_energy"]
+        assert 0 < sample <= 0.02 and own[i] == pytest.approx(sample, abs=0.002)
+        assert other[i] > 3 * sample
+    editor.apply(REQUESTS[:2])
+    assert editor.null_space_share(corpus.read_text()) == pytest.approx(own, rel=1e-5)
+    with pytest.raises(ValueError, match="no full sequence"):
+        editor.null_space_share("too short")
+
+
 def test_weights_digest_follows_in_place_changes():
     """The remembered per-tensor digests must not outlive a change of the weights."""
     model, _ = tiny_model("llama", seed=0)

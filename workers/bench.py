@@ -126,7 +126,7 @@ def run(args) -> dict[str, Any]:
     from editfleet.workers.editing.statistics import checked_corpus
     from editfleet.workers.editing.targets import optimise_targets, optimise_targets_loop
     from editfleet.workers.evaluation.drift import drift, snapshot
-    from editfleet.workers.evaluation.metrics import perplexity
+    from editfleet.workers.evaluation.metrics import heldout_text, perplexity
     from editfleet.workers.models.registry import editfleet_home, load_model
 
     try:  # before the model loads
@@ -166,6 +166,11 @@ def run(args) -> dict[str, Any]:
     t = time.perf_counter()
     editor.projectors() if args.method == "alphaedit" else editor.statistics()
     timing["stats_seconds"] = time.perf_counter() - t
+    coverage = editor.null_space_share(heldout_text()) if args.method == "alphaedit" else {}
+    if coverage:
+        print("[bench] share of key energy in the null space, statistics sample / held-out text: " + ", ".join(
+            f"layer {i} {editor.projector_info[i]['kept_energy']:.3f} / {share:.3f}" for i, share in coverage.items()),
+            file=sys.stderr)
     probs, steps, gaps, tracked = [], [], [], []
     batches = [cases[i:i + args.batch] for i in range(0, len(cases), args.batch)]
     for b, batch in enumerate(batches):
@@ -223,7 +228,7 @@ def run(args) -> dict[str, Any]:
         "corpus": [str(c.path) for c in corpus] if corpus else "default",
         "protect": {"files": list(args.protect), "prompts": len(editor.protect)} if editor.protect else None,
         "fluency_unedited_cases": len(unedited),
-        "projectors": {str(i): v for i, v in editor.projector_info.items()},
+        "projectors": {str(i): {**v, "heldout_kept_energy": coverage[i]} for i, v in editor.projector_info.items()},
         "targets": {"mean_prob": sum(probs) / len(probs), "mean_steps": sum(steps) / len(steps),
                     "converged": sum(p >= 0.95 for p in probs) / len(probs),
                     "mean_value_gap": sum(gaps) / len(gaps)},

@@ -28,8 +28,8 @@ from editfleet.workers.editing.requests import (EditRequest, EditValidationError
                                                 parse_requests, prompts_digest, read_protected_prompts)
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
-                                                  compute_second_moments, file_digest, paragraph_starts,
-                                                  params_digest)
+                                                  compute_second_moments, file_digest, null_space_share,
+                                                  paragraph_starts, params_digest)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
@@ -211,6 +211,15 @@ class Editor:
                                      f"{self.config.nullspace_energy}); an AlphaEdit update would be zero")
                 self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
+
+    def null_space_share(self, text: str) -> dict[int, float]:
+        """Per edited layer, the share of ``text``'s key energy (base weights) inside the null
+        space, the part an AlphaEdit update may move; ``projector_info[i]["kept_energy"]`` is the
+        same share on the statistics sample. Well above it, the statistics do not represent ``text``."""
+        projectors = self.projectors()
+        with self._base_weights():
+            return null_space_share(self.model, self.tokenizer, self.adapter, projectors, text,
+                                    self.config.stats_max_length, self.config.stats_batch_size)
 
     @property
     def protect_digest(self) -> str | None:

@@ -18,7 +18,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -196,45 +196,82 @@ def accumulate_key_moments(model: nn.Module, adapter: FamilyAdapter, layers: Seq
         sums[i].addmm_(k.T, k)
 
 
+def _bos(tokenizer) -> int | None:
+    """The BOS id every statistics sequence starts with, when the tokenizer adds one."""
+    return getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
+
+
 def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
                            corpus: Sequence[CorpusText], total_tokens: int, length: int, batch_size: int,
                            progress: Progress | None = None) -> dict[int, LayerStats]:
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
+    seq_len = length - (1 if _bos(tokenizer) is not None else 0)
+    started = time.monotonic()
+    stats = sequence_moments(model, tokenizer, adapter, layers, token_sequences(tokenizer, corpus, seq_len, total_tokens),
+                             batch_size, max(1, total_tokens // seq_len), progress)
+    if stats is None:
+        raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {seq_len} tokens")
+    print(f"[editfleet] key statistics: {stats[layers[0]].count} tokens, layers {list(layers)}, "
+          f"{time.monotonic() - started:.1f}s", file=sys.stderr)
+    return stats
+
+
+def sequence_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
+                     sequences: Iterable[list[int]], batch_size: int, expected: int = 1,
+                     progress: Progress | None = None) -> dict[int, LayerStats] | None:
+    """Second moments of the keys of token ``sequences`` (each run after the tokenizer's BOS, when
+    it adds one), ``batch_size`` at a time; None when there is no sequence."""
     dims = {i: adapter.key_dim(model, i) for i in layers}
     device = model_device(model)
     sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32, device=device) for i in layers}
-    count = 0
+    bos = _bos(tokenizer)
+    count = done = 0
     batch: list[list[int]] = []
-    bos = getattr(tokenizer, "bos_token_id", None) if getattr(tokenizer, "add_bos_token", False) else None
-    seq_len = length - (1 if bos is not None else 0)
-    started = time.monotonic()
-    expected = max(1, total_tokens // seq_len)
 
     def run(batch: list[list[int]]) -> None:
-        nonlocal count
+        nonlocal count, done
         ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long, device=device)
         accumulate_key_moments(model, adapter, layers, ids, torch.ones_like(ids), sums)
         count += ids.numel()
+        done += len(batch)
 
-    done = 0
-    for seq in token_sequences(tokenizer, corpus, seq_len, total_tokens):
+    for seq in sequences:
         batch.append(seq)
         if len(batch) == batch_size:
             run(batch)
-            done += len(batch)
             batch = []
             if progress:
                 progress("statistics", min(done, expected), expected)
     if batch:
         run(batch)
-        done += len(batch)
     if count == 0:
-        raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {seq_len} tokens")
+        return None
     if progress:
         progress("statistics", expected, expected)
-    print(f"[editfleet] key statistics: {count} tokens, layers {list(layers)}, "
-          f"{time.monotonic() - started:.1f}s", file=sys.stderr)
     return {i: LayerStats(sums[i] / count, count) for i in layers}
+
+
+def null_space_share(model: nn.Module, tokenizer, adapter: FamilyAdapter, projectors: dict[int, torch.Tensor],
+                     text: str, length: int, batch_size: int) -> dict[int, float]:
+    """Per layer, the share of ``text``'s key energy inside the projector's range, tr(P M) / tr(M)
+    with M the second moment of its keys (packed as the statistics are: BOS, ``length`` tokens).
+
+    That share is what an AlphaEdit update may move. On the statistics sample it is the
+    projector's ``kept_energy``; on text the sample represents it stays near that, and where it is
+    higher the edits leak onto that text (docs/engine.md, Known limits).
+    """
+    seq_len = length - (1 if _bos(tokenizer) is not None else 0)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    sequences = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    stats = sequence_moments(model, tokenizer, adapter, sorted(projectors), sequences, batch_size)
+    if stats is None:
+        raise ValueError(f"text of {len(ids)} tokens holds no full sequence of {seq_len}")
+    shares = {}
+    for i, p in projectors.items():
+        moment = stats[i].moment.to(torch.float64)
+        share = float(torch.trace(p.to(moment) @ moment) / torch.trace(moment).clamp_min(1e-30))
+        shares[i] = min(max(share, 0.0), 1.0)  # P is a projector: outside [0, 1] is rounding
+    return shares
 
 
 def projector(moment: torch.Tensor, threshold: float, energy: float | None) -> tuple[torch.Tensor, dict]:

@@ -145,6 +145,12 @@ def _first_tokens(tok, text: str, max_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
+def heldout_text() -> str:
+    """The default perplexity text: the first ``PERPLEXITY_CHARS`` characters of ``WIKITEXT_TEST``
+    in the data folder (four articles), which the default statistics corpus leaves out."""
+    return (data_dir() / WIKITEXT_TEST).read_text(encoding="utf-8")[:PERPLEXITY_CHARS]
+
+
 def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, max_tokens: int | None = 1024,
                window: int = 512, batch_size: int = 2, head_chunk: int = 256) -> dict[str, float | int]:
     """Perplexity on a fixed text: the same tokens every call, so pre/post-edit values compare.
@@ -161,10 +167,9 @@ def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, ma
         raise ValueError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
     held_out = text_or_path is None
     if held_out:
-        text_or_path = data_dir() / WIKITEXT_TEST
-    text = text_or_path.read_text(encoding="utf-8") if isinstance(text_or_path, Path) else text_or_path
-    if held_out:
-        text = text[:PERPLEXITY_CHARS]
+        text = heldout_text()
+    else:
+        text = text_or_path.read_text(encoding="utf-8") if isinstance(text_or_path, Path) else text_or_path
     ids = _first_tokens(tok, text, max_tokens) if max_tokens is not None else \
         tok(text, add_special_tokens=False)["input_ids"]
     if held_out and max_tokens is not None and len(ids) < max_tokens:
