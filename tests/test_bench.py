@@ -79,9 +79,10 @@ def test_bench_writes_figures_tracks_perplexity_and_saves_a_rebuildable_state(tm
     t = report["timing"]
     assert t["batched_speedup"] == pytest.approx(t["loop_targets_seconds"] / t["batched_targets_seconds"])
     assert report["device"] == "cpu"
-    # How much of the held-out text's key energy the null space holds, beside the sample's share.
-    for info in report["projectors"].values():
-        assert 0 <= info["kept_energy"] <= 1 and 0 < info["heldout_kept_energy"] <= 1
+    # How much the edits moved each edited projection's output, on the statistics' keys and on the held-out text's.
+    change = report["post"]["output_change"]
+    assert set(change) == {str(i) for i in report["config"]["layers"]}
+    assert all(c["heldout"] > 0 and c["ratio"] == pytest.approx(c["heldout"] / c["statistics"]) for c in change.values())
     # One perplexity per batch; the last is the model the post-edit evaluation scored.
     assert len(report["perplexity_by_batch"]) == 2
     assert report["perplexity_by_batch"][-1] == pytest.approx(report["post"]["perplexity"], rel=1e-6)

@@ -28,8 +28,8 @@ from editfleet.workers.editing.requests import (EditRequest, EditValidationError
                                                 parse_requests, prompts_digest, read_protected_prompts)
 from editfleet.workers.editing.runner import SubjectReplay
 from editfleet.workers.editing.statistics import (CorpusText, LayerStats, StatsCache, accumulate_key_moments, checked_corpus,
-                                                  compute_second_moments, file_digest, null_space_share,
-                                                  paragraph_starts, params_digest)
+                                                  compute_second_moments, file_digest, paragraph_starts,
+                                                  params_digest, text_moments)
 from editfleet.workers.editing.targets import context_rows, optimise_targets, resolve_target_dtype
 from editfleet.workers.editing.update import solve_update, spectral_clip
 from editfleet.workers.models.adapters import FamilyAdapter, adapter_for
@@ -212,14 +212,23 @@ class Editor:
                 self._projectors[i], self.projector_info[i] = p.to(self.device), info
         return self._projectors
 
-    def null_space_share(self, text: str) -> dict[int, float]:
-        """Per edited layer, the share of ``text``'s key energy (base weights) inside the null
-        space, the part an AlphaEdit update may move; ``projector_info[i]["kept_energy"]`` is the
-        same share on the statistics sample. Well above it, the statistics do not represent ``text``."""
-        projectors = self.projectors()
+    def text_moments(self, text: str) -> dict[int, LayerStats]:
+        """Second moments of ``text``'s keys at the edited layers, on the base weights: what
+        ``output_change`` needs to say how much the edits move that text."""
         with self._base_weights():
-            return null_space_share(self.model, self.tokenizer, self.adapter, projectors, text,
-                                    self.config.stats_max_length, self.config.stats_batch_size)
+            return text_moments(self.model, self.tokenizer, self.adapter, self.config.layers, text,
+                                self.config.stats_max_length, self.config.stats_batch_size)
+
+    def output_change(self, moments: dict[int, LayerStats]) -> dict[int, float]:
+        """Per edited layer, the mean squared change of the projection's output over the keys of
+        ``moments`` (from ``statistics`` or ``text_moments``), tr(D M D^T) with D every edit's
+        delta so far: the edits' leak onto that text, before later layers act on it."""
+        out = {}
+        for i, stats in moments.items():
+            delta = (self.adapter.weight(self.model, i).detach() - self._base[i]).to(torch.float64)
+            # A float32 moment is PSD up to rounding: a trace a hair below 0 is 0.
+            out[i] = max(0.0, float(torch.trace(delta @ stats.moment.to(delta) @ delta.T)))
+        return out
 
     @property
     def protect_digest(self) -> str | None:

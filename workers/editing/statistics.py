@@ -251,27 +251,17 @@ def sequence_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers
     return {i: LayerStats(sums[i] / count, count) for i in layers}
 
 
-def null_space_share(model: nn.Module, tokenizer, adapter: FamilyAdapter, projectors: dict[int, torch.Tensor],
-                     text: str, length: int, batch_size: int) -> dict[int, float]:
-    """Per layer, the share of ``text``'s key energy inside the projector's range, tr(P M) / tr(M)
-    with M the second moment of its keys (packed as the statistics are: BOS, ``length`` tokens).
-
-    That share is what an AlphaEdit update may move. On the statistics sample it is the
-    projector's ``kept_energy``; on text the sample represents it stays near that, and where it is
-    higher the edits leak onto that text (docs/engine.md, Known limits).
-    """
+def text_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int], text: str,
+                 length: int, batch_size: int) -> dict[int, LayerStats]:
+    """Second moments of the keys of ``text`` at ``layers``, its tokens packed as the statistics'
+    are (BOS, then ``length`` tokens a sequence; a last partial sequence is left out)."""
     seq_len = length - (1 if _bos(tokenizer) is not None else 0)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     sequences = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    stats = sequence_moments(model, tokenizer, adapter, sorted(projectors), sequences, batch_size)
+    stats = sequence_moments(model, tokenizer, adapter, layers, sequences, batch_size)
     if stats is None:
         raise ValueError(f"text of {len(ids)} tokens holds no full sequence of {seq_len}")
-    shares = {}
-    for i, p in projectors.items():
-        moment = stats[i].moment.to(torch.float64)
-        share = float(torch.trace(p.to(moment) @ moment) / torch.trace(moment).clamp_min(1e-30))
-        shares[i] = min(max(share, 0.0), 1.0)  # P is a projector: outside [0, 1] is rounding
-    return shares
+    return stats
 
 
 def projector(moment: torch.Tensor, threshold: float, energy: float | None) -> tuple[torch.Tensor, dict]:
