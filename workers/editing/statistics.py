@@ -28,6 +28,7 @@ from torch import nn
 from editfleet.workers.editing.runner import LayerRunner, capture_projection
 from editfleet.workers.models.adapters import FamilyAdapter
 from editfleet.workers.models.forward import model_device
+from editfleet.workers.models.scoring import prompt_prefix
 
 Progress = Callable[[str, int, int], None]
 
@@ -207,8 +208,9 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
     seq_len = length - (1 if _bos(tokenizer) is not None else 0)
     started = time.monotonic()
-    stats = sequence_moments(model, tokenizer, adapter, layers, token_sequences(tokenizer, corpus, seq_len, total_tokens),
-                             batch_size, max(1, total_tokens // seq_len), progress)
+    bos = _bos(tokenizer)
+    stats = sequence_moments(model, adapter, layers, token_sequences(tokenizer, corpus, seq_len, total_tokens),
+                             [bos] if bos is not None else [], batch_size, max(1, total_tokens // seq_len), progress)
     if stats is None:
         raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {seq_len} tokens")
     print(f"[editfleet] key statistics: {stats[layers[0]].count} tokens, layers {list(layers)}, "
@@ -216,21 +218,20 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
     return stats
 
 
-def sequence_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int],
-                     sequences: Iterable[list[int]], batch_size: int, expected: int = 1,
+def sequence_moments(model: nn.Module, adapter: FamilyAdapter, layers: Sequence[int], sequences: Iterable[list[int]],
+                     prefix: list[int], batch_size: int, expected: int = 1,
                      progress: Progress | None = None) -> dict[int, LayerStats] | None:
-    """Second moments of the keys of token ``sequences`` (each run after the tokenizer's BOS, when
-    it adds one), ``batch_size`` at a time; None when there is no sequence."""
+    """Second moments of the keys of token ``sequences``, each run after ``prefix`` (whose keys
+    count too), ``batch_size`` at a time; None when there is no sequence."""
     dims = {i: adapter.key_dim(model, i) for i in layers}
     device = model_device(model)
     sums = {i: torch.zeros(dims[i], dims[i], dtype=torch.float32, device=device) for i in layers}
-    bos = _bos(tokenizer)
     count = done = 0
     batch: list[list[int]] = []
 
     def run(batch: list[list[int]]) -> None:
         nonlocal count, done
-        ids = torch.tensor([([bos] if bos is not None else []) + s for s in batch], dtype=torch.long, device=device)
+        ids = torch.tensor([prefix + s for s in batch], dtype=torch.long, device=device)
         accumulate_key_moments(model, adapter, layers, ids, torch.ones_like(ids), sums)
         count += ids.numel()
         done += len(batch)
@@ -253,12 +254,16 @@ def sequence_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers
 
 def text_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, layers: Sequence[int], text: str,
                  length: int, batch_size: int) -> dict[int, LayerStats]:
-    """Second moments of the keys of ``text`` at ``layers``, its tokens packed as the statistics'
-    are (BOS, then ``length`` tokens a sequence; a last partial sequence is left out)."""
-    seq_len = length - (1 if _bos(tokenizer) is not None else 0)
+    """Second moments of the keys of ``text`` at ``layers`` as the model reads text in use: in
+    sequences of ``length`` tokens, each after the special tokens the tokenizer puts first (as
+    the perplexity and every prompt are; a last partial sequence is left out). The statistics
+    read their corpus after a BOS only when the tokenizer says it adds one (``add_bos_token``),
+    which gemma3's does not (docs/engine.md, Known limits)."""
+    prefix = prompt_prefix(tokenizer)
+    seq_len = length - len(prefix)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     sequences = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    stats = sequence_moments(model, tokenizer, adapter, layers, sequences, batch_size)
+    stats = sequence_moments(model, adapter, layers, sequences, prefix, batch_size)
     if stats is None:
         raise ValueError(f"text of {len(ids)} tokens holds no full sequence of {seq_len}")
     return stats
