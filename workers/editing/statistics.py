@@ -206,11 +206,12 @@ def compute_second_moments(model: nn.Module, tokenizer, adapter: FamilyAdapter, 
                            corpus: Sequence[CorpusText], total_tokens: int, length: int, batch_size: int,
                            progress: Progress | None = None) -> dict[int, LayerStats]:
     """Accumulate float32 sums of k k^T over every corpus token, running only up to the last layer."""
-    seq_len = length - (1 if _bos(tokenizer) is not None else 0)
-    started = time.monotonic()
     bos = _bos(tokenizer)
+    prefix = [bos] if bos is not None else []
+    seq_len = length - len(prefix)
+    started = time.monotonic()
     stats = sequence_moments(model, adapter, layers, token_sequences(tokenizer, corpus, seq_len, total_tokens),
-                             [bos] if bos is not None else [], batch_size, max(1, total_tokens // seq_len), progress)
+                             prefix, batch_size, max(1, total_tokens // seq_len), progress)
     if stats is None:
         raise ValueError(f"corpus {', '.join(str(t.path) for t in as_corpus(corpus))} yields no full sequence of {seq_len} tokens")
     print(f"[editfleet] key statistics: {stats[layers[0]].count} tokens, layers {list(layers)}, "

@@ -144,13 +144,13 @@ def _first_tokens(tok, text: str, max_tokens: int) -> list[int]:
         chars *= 2
 
 
-@torch.no_grad()
 def heldout_text() -> str:
     """The default perplexity text: the first ``PERPLEXITY_CHARS`` characters of ``WIKITEXT_TEST``
     in the data folder (four articles), which the default statistics corpus leaves out."""
     return (data_dir() / WIKITEXT_TEST).read_text(encoding="utf-8")[:PERPLEXITY_CHARS]
 
 
+@torch.no_grad()
 def perplexity(model: nn.Module, tok, text_or_path: str | Path | None = None, max_tokens: int | None = 1024,
                window: int = 512, batch_size: int = 2, head_chunk: int = 256) -> dict[str, float | int]:
     """Perplexity on a fixed text: the same tokens every call, so pre/post-edit values compare.
